@@ -1,0 +1,48 @@
+"""`mellum2 <stage> ...`: a thin dispatcher to each stage module's `main(argv)`.
+
+Stage modules are imported lazily so `mellum2 info` does not pay for the data pipeline's imports.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage -> (module, one-line help). Each module defines main(argv: list[str]) -> int | None.
+STAGES: dict[str, tuple[str, str]] = {
+    "info": ("mellum2.model.info", "parameter, FLOP and KV-cache accounting of a preset or checkpoint"),
+    "demo": ("mellum2.demo", "the end-to-end demo run by `make demo`"),
+    "tokenizer": ("mellum2.tokenizer.cli", "train / inspect the byte-level BPE tokenizer"),
+    "data": ("mellum2.data.cli", "prepare the pre-training corpus (filters, dedup, FIM, packing)"),
+    "train": ("mellum2.train.pretrain", "pre-train (and long-context stage) with Muon, WHD schedule, MTP"),
+    "train-mtp": ("mellum2.train.mtp_head", "train an MTP draft head for a frozen checkpoint"),
+    "generate": ("mellum2.infer.cli", "generate text (optionally MTP-speculative)"),
+    "complete": ("mellum2.infer.cli", "fill-in-the-middle completion"),
+    "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mellum2 <stage> [options]", "", "stages:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in STAGES.items()]
+    lines += ["", "`mellum2 <stage> --help` for a stage's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"mellum2: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    if stage in ("generate", "complete"):
+        rest = [stage, *rest]
+    rc = module.main(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

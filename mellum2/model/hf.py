@@ -1,0 +1,215 @@
+"""Checkpoint I/O in the Hugging Face layout of the released Mellum 2 weights.
+
+Loads: config.json + `model.safetensors` or shards listed in `model.safetensors.index.json`, with
+experts either one tensor per expert (the released layout, and what transformers 5.18's
+`save_pretrained` writes) or packed as transformers holds them in memory (`experts.gate_up_proj`
+[E, 2I, D], `experts.down_proj` [E, D, I]). The model is built on the meta device, allocated once in
+the target dtype, and filled one memory-mapped tensor at a time, so two full copies never coexist.
+Every key, shape and file is checked; any problem raises `CheckpointError` naming the file and key.
+
+Saves: the released layout, sharded above `max_shard_bytes`, written into a temporary sibling
+directory that is renamed into place only when complete (a crash leaves no directory that looks
+like a finished checkpoint). MTP weights go under `mtp.*` with `num_nextn_predict_layers` in config.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .transformer import Mellum2
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it stands; the message names the file and key."""
+
+
+# ---------------------------------------------------------------------------- save
+def hf_state(model: Mellum2):
+    """(name, tensor) pairs of the released layout; experts split into per-expert views."""
+    for name, t in model.state_dict().items():
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
+        if m:
+            for e in range(t.shape[0]):
+                yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
+        else:
+            yield name, t
+
+
+def save_pretrained(model: Mellum2, path, max_shard_bytes: int | None = None, dtype=None) -> None:
+    path = Path(path)
+    max_shard_bytes = max_shard_bytes or DEFAULT_SHARD_BYTES
+    dtype = dtype or next(model.parameters()).dtype
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in hf_state(model):
+            t = t.detach().to("cpu", dtype).contiguous()
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        n = len(shards)
+        names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for fname, shard in zip(names, shards):
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        if n > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+                     "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        cfg = model.cfg.replace(extra={**model.cfg.extra, "dtype": str(dtype).removeprefix("torch.")})
+        cfg.save(tmp / "config.json")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync(f: Path) -> None:
+    with open(f, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename tmp -> path; an existing path is moved aside first and removed only afterwards."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- load
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, checked to exist and to be complete."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if (path / INDEX).exists():
+        try:
+            wm = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX}: malformed index ({e}); expected a 'weight_map' object") from None
+        files = sorted({path / f for f in wm.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in {INDEX} is missing")
+    elif (path / SINGLE).exists():
+        files = [path / SINGLE]
+    else:
+        raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
+    for f in files:
+        check_safetensors(f)
+    return files
+
+
+def check_safetensors(f: Path) -> None:
+    """Header sanity and size: a truncated file fails here, before anything is loaded."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise CheckpointError(f"{f}: truncated safetensors file (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{f}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{f}: truncated safetensors file (expected {8 + n + end} bytes, found {size})")
+
+
+def load_pretrained(path, dtype=None, device="cpu", mtp: bool = True) -> Mellum2:
+    """Load a Mellum checkpoint directory. dtype: torch dtype or name; default the checkpoint's
+    `dtype` (float32 if absent). `mtp=False` ignores MTP weights and builds no head."""
+    path = Path(path)
+    cfg = ModelConfig.from_hf(path)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype {dtype!r} not one of {list(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or _DTYPES.get(cfg.extra.get("dtype"), torch.float32)
+    if not mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Mellum2(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    params = dict(model.named_parameters())
+    todo = {name: set(range(p.shape[0])) if name.endswith(("experts.gate_proj", "experts.up_proj",
+                                                           "experts.down_proj")) else None
+            for name, p in params.items()}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key.startswith("mtp.") and not mtp:
+                    continue
+                _load_one(key, sf, f, params, todo)
+    missing = [k for k, v in todo.items() if v is None or v]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: missing weights for {shown}")
+    return model.eval()
+
+
+def _load_one(key: str, sf, f: Path, params, todo) -> None:
+    def put(name, value, index=None):
+        if name not in params:
+            raise CheckpointError(f"{f}: unexpected tensor {key!r} (not part of this model's config)")
+        target = params[name] if index is None else params[name][index]
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{f}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
+        if index is None:
+            todo[name] = set() if todo[name] is not None else False
+        else:
+            todo[name].discard(index)
+
+    m = _EXPERT.match(key)
+    if m:
+        name = f"{m.group(1)}.{m.group(3)}"
+        e = int(m.group(2))
+        if name in params and e >= params[name].shape[0]:
+            raise CheckpointError(f"{f}: tensor {key!r}: expert {e} >= num_experts {params[name].shape[0]}")
+        put(name, sf.get_tensor(key), e)
+        return
+    m = _PACKED.match(key)
+    if m and m.group(2) == "gate_up_proj":
+        t = sf.get_tensor(key)
+        I2 = t.shape[1] if t.dim() == 3 else -1
+        if t.dim() != 3 or I2 % 2:
+            raise CheckpointError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, expected [E, 2I, D]")
+        put(f"{m.group(1)}.gate_proj", t[:, : I2 // 2])
+        put(f"{m.group(1)}.up_proj", t[:, I2 // 2:])
+        return
+    if key not in params:
+        raise CheckpointError(f"{f}: unexpected tensor {key!r} (not part of this model's config)")
+    put(key, sf.get_tensor(key))

@@ -1,0 +1,123 @@
+"""Mixture of Experts: fp32 softmax router, top-k, dropless sorted dispatch through grouped_mm.
+
+Follows transformers' Mellum (Qwen3-MoE) routing: logits = x @ W_r^T, softmax over all experts in
+fp32, take top-k, renormalise when `norm_topk_prob`. Experts are SwiGLU; each expert's gate, up and
+down matrices are stored as one 3-D tensor per kind ([E, I, D], [E, I, D], [E, D, I]) so Muon can
+orthogonalise every expert's matrix separately and the released per-expert layout maps 1:1.
+
+Two expert paths that must agree (tests/test_moe.py): `grouped` (sort token-slots by expert, one
+`torch.nn.functional.grouped_mm` per matrix, no capacity, no dropping) and `loop` (the obvious
+per-expert reference).
+
+Legend: T tokens, D model width, E experts, K top-k, I expert width, S = T*K routed slots.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dt = x.device.type
+    return torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else x.dtype
+
+
+class Router(nn.Module):
+    """Bias-free linear router; everything after the input is fp32 (precision policy)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x_TD: torch.Tensor):
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            probs_TE = logits_TE.softmax(dim=-1)
+            w_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+            if self.norm_topk:
+                w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, probs_TE, w_TK, ids_TK
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = E
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.impl = "grouped"  # or "loop" (the reference)
+
+    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        return (self.grouped if self.impl == "grouped" else self.loop)(x_TD, ids_TK, w_TK)
+
+    def grouped(self, x_TD, ids_TK, w_TK):
+        T, K = ids_TK.shape
+        dt = _compute_dtype(x_TD)
+        ids_S = ids_TK.reshape(-1)
+        order_S = ids_S.argsort(stable=True)  # slots sorted by expert
+        tok_S = order_S // K  # token of each sorted slot
+        offs_E = torch.bincount(ids_S, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        x_SD = x_TD.to(dt)[tok_S]
+        g_SI = F.grouped_mm(x_SD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
+        u_SI = F.grouped_mm(x_SD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
+        y_SD = F.grouped_mm(F.silu(g_SI) * u_SI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
+        y_SD = y_SD * w_TK.reshape(-1)[order_S, None].to(dt)
+        return torch.zeros(T, x_TD.shape[1], dtype=dt, device=x_TD.device).index_add_(0, tok_S, y_SD)
+
+    def loop(self, x_TD, ids_TK, w_TK):
+        dt = _compute_dtype(x_TD)
+        x_TD = x_TD.to(dt)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.num_experts):
+            tok, slot = torch.where(ids_TK == e)
+            if tok.numel() == 0:
+                continue
+            h = F.silu(x_TD[tok] @ self.gate_proj[e].to(dt).T) * (x_TD[tok] @ self.up_proj[e].to(dt).T)
+            y = (h @ self.down_proj[e].to(dt).T) * w_TK[tok, slot, None].to(dt)
+            out_TD = out_TD.index_add(0, tok, y)
+        return out_TD
+
+
+class MoE(nn.Module):
+    """Sparse MLP block. Returns the output and the router's fp32 logits/probs/choices for the losses."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+
+    def forward(self, x_BTD: torch.Tensor):
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)  # T below is B*T flattened tokens
+        logits_TE, probs_TE, w_TK, ids_TK = self.gate(x_TD)
+        y_TD = self.experts(x_TD, ids_TK, w_TK)
+        return y_TD.view(B, T, D), RouterOut(logits_TE, probs_TE, ids_TK)
+
+
+class RouterOut:
+    """What the losses and load statistics need from one MoE layer (all fp32, [T, E] / [T, K])."""
+
+    __slots__ = ("logits", "probs", "ids")
+
+    def __init__(self, logits, probs, ids):
+        self.logits, self.probs, self.ids = logits, probs, ids
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP for 'dense' layers (transformers' MellumMLP naming)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(D, I, bias=False)
+        self.up_proj = nn.Linear(D, I, bias=False)
+        self.down_proj = nn.Linear(I, D, bias=False)
+
+    def forward(self, x_BTD):
+        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)), None

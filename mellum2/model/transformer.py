@@ -1,0 +1,230 @@
+"""The Mellum 2 model: decoder layers, the causal LM with its losses, initialisation and parameter counts.
+
+Module names follow the released checkpoint (`model.embed_tokens`, `model.layers.{l}.self_attn.q_proj`,
+`model.layers.{l}.mlp.gate`, `model.norm`, `lm_head`), so the HF state dict maps 1:1 except for the
+experts, which we hold packed per kind (moe.py) and hf.py splits per expert on save.
+
+Precision policy (the one place it is decided): parameters are fp32 masters for training (or bf16
+for inference); matmuls follow torch.autocast when enabled; router logits/softmax (moe.Router),
+RMSNorm statistics, rotary tables and the LM logits are fp32.
+
+Losses (`forward(..., labels=...)`; labels are the input ids with -100 where no loss is wanted,
+shifted inside, as in transformers):
+  loss = CE + mtp_loss_weight * MTP-CE + router_aux_loss_coef * LB + router_z_loss_coef * Z
+  LB (Switch/Megatron load balancing) = E * sum_e f_e * P_e per MoE layer, f_e the share of routed
+     slots (sums to 1), P_e the mean router probability; 1.0 when perfectly balanced; averaged over
+     MoE layers (Megatron adds layers, so its coefficient is ours / n_layers). f_e is summed over the
+     global batch when `count_reducer` is set (an all-reduce installed from outside by the trainer).
+  Z (router z-loss, ST-MoE) = mean over tokens of logsumexp(router logits)^2, averaged over layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Attention, MaskCache, RMSNorm, Rotary, doc_ids_from_positions
+from .moe import DenseMLP, MoE, RouterOut
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, layer_type: str, mlp_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.self_attn = Attention(cfg, layer_idx, layer_type)
+        self.mlp = MoE(cfg) if mlp_type == "sparse" else DenseMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x_BTD, cos, sin, mask, cache=None):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask, cache)
+        y_BTD, router = self.mlp(self.post_attention_layernorm(x_BTD))
+        return x_BTD + y_BTD, router
+
+
+class Trunk(nn.Module):
+    """`model.*` in the checkpoint: embedding, decoder layers, final norm (applied by the LM)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, cfg.layer_types[i], cfg.mlp_layer_types[i]) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [B, T, V] fp32
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, mtp, lb, z (unweighted)
+    hidden: torch.Tensor | None = None  # [B, T, D] trunk output before the final norm
+    mtp_logits: torch.Tensor | None = None  # [B, T-1, V]: position t predicts token t+2
+    routers: list[RouterOut] = field(default_factory=list)  # per MoE layer (trunk, then MTP)
+    n_tokens: torch.Tensor | None = None  # label tokens counted by the CE
+
+
+class Mellum2(nn.Module):
+    """Mellum 2 causal LM (+ optional MTP head). `Mellum2(cfg)` is randomly initialised on the current
+    default device; under `torch.device("meta")` nothing is allocated or initialised."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from .mtp import MTP  # mtp.py builds a DecoderLayer from this file
+
+        self.cfg = cfg
+        self.model = Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = MTP(cfg) if cfg.num_nextn_predict_layers else None
+        self.rotary = Rotary(cfg)
+        self.count_reducer = None  # e.g. all-reduce of routed-slot counts over ranks (global-batch LB)
+        if not self.lm_head.weight.is_meta:
+            init_weights(self)
+
+    # ------------------------------------------------------------------ pieces (engine, trainer)
+    def rope(self, position_ids_BT, dtype):
+        return {lt: self.rotary(position_ids_BT, lt, dtype) for lt in self.rotary.types}
+
+    def trunk(self, input_ids_BT, position_ids_BT=None, cache=None, masks: MaskCache | None = None):
+        """Embedding and decoder layers -> hidden [B, T, D] before the final norm, router outputs."""
+        B, T = input_ids_BT.shape
+        x_BTD = self.model.embed_tokens(input_ids_BT)
+        dtype = torch.get_autocast_dtype(x_BTD.device.type) if torch.is_autocast_enabled(x_BTD.device.type) \
+            else x_BTD.dtype
+        pos_BT = position_ids_BT if position_ids_BT is not None else \
+            torch.arange(T, device=x_BTD.device).expand(B, T)
+        rope = self.rope(pos_BT, dtype)
+        if cache is None and masks is None:
+            masks = MaskCache(self.cfg, T, packed_doc_ids(position_ids_BT), x_BTD.device)
+        routers = []
+        for layer in self.model.layers:
+            cos, sin = rope[layer.layer_type]
+            mask = None if cache is not None else masks.get(layer.layer_type)
+            x_BTD, r = layer(x_BTD, cos, sin, mask, cache)
+            if r is not None:
+                routers.append(r)
+        return x_BTD, routers
+
+    def head(self, h_BTD):
+        """Final norm and LM head; logits in fp32."""
+        return self.lm_head(self.model.norm(h_BTD)).float()
+
+    # ------------------------------------------------------------------ forward + losses
+    def forward(self, input_ids, labels=None, position_ids=None, mtp: bool | None = None) -> Output:
+        h_BTD, routers = self.trunk(input_ids, position_ids)
+        out = Output(logits=self.head(h_BTD), hidden=h_BTD, routers=routers)
+        want_mtp = (labels is not None) if mtp is None else mtp
+        if self.mtp is not None and want_mtp and input_ids.shape[1] > 1:
+            hm_BTD, mtp_routers = self.mtp(self, h_BTD[:, :-1], input_ids[:, 1:],
+                                           None if position_ids is None else position_ids[:, :-1])
+            out.mtp_logits = self.mtp.logits(self, hm_BTD)
+            out.routers = routers + mtp_routers
+        if labels is not None:
+            self._losses(out, labels)
+        return out
+
+    def _losses(self, out: Output, labels_BT: torch.Tensor) -> None:
+        cfg = self.cfg
+        ce, n = shifted_ce(out.logits, labels_BT, 1)
+        losses = {"ce": ce}
+        total = ce
+        if out.mtp_logits is not None:
+            losses["mtp"], _ = shifted_ce(out.mtp_logits, labels_BT, 2)
+            total = total + cfg.mtp_loss_weight * losses["mtp"]
+        if out.routers:
+            losses["lb"] = load_balance_loss(out.routers, cfg.num_experts, self.count_reducer)
+            losses["z"] = torch.stack([torch.logsumexp(r.logits, -1).square().mean() for r in out.routers]).mean()
+            total = total + cfg.router_aux_loss_coef * losses["lb"] + cfg.router_z_loss_coef * losses["z"]
+        out.loss, out.losses, out.n_tokens = total, losses, n
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, part: str = "trunk") -> int:
+        """Parameter count of `part`: 'trunk' (the released model), 'mtp' (the MTP head only; it
+        shares the embedding and LM head) or 'all'."""
+        return sum(p.numel() for name, p in self.named_parameters() if _in_part(name, part))
+
+    def num_active_params(self, part: str = "trunk") -> int:
+        """Parameters touched per token: experts count K/E of their size; the embedding table is
+        counted whole (the usual convention, which gives Mellum 2's 'about 2.44B active')."""
+        k, e = self.cfg.num_experts_per_tok, self.cfg.num_experts
+        total = 0
+        for name, p in self.named_parameters():
+            if _in_part(name, part):
+                total += p.numel() * k // e if ".experts." in name else p.numel()
+        return total
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None, dtype=None) -> None:
+        from .hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def _in_part(name: str, part: str) -> bool:
+    if part == "all":
+        return True
+    is_mtp = name.startswith("mtp.")
+    if part == "mtp":
+        return is_mtp
+    if part == "trunk":
+        return not is_mtp
+    raise ValueError(f"part must be 'trunk', 'mtp' or 'all', got {part!r}")
+
+
+def packed_doc_ids(position_ids_BT):
+    """Document ids when a row packs several documents, else None (then no mask is needed)."""
+    doc = doc_ids_from_positions(position_ids_BT)
+    if doc is None or not bool((doc[:, -1] != 0).any()):
+        return None
+    return doc
+
+
+def shifted_ce(logits_BTV, labels_BT, shift: int):
+    """Mean CE of logits[:, t] against labels[:, t + shift] over labels != -100 (0 if none)."""
+    T_pred = labels_BT.shape[1] - shift
+    lg = logits_BTV[:, :T_pred].reshape(-1, logits_BTV.shape[-1]).float()
+    tgt = labels_BT[:, shift:shift + T_pred].reshape(-1)
+    n = (tgt != -100).sum()
+    loss_sum = F.cross_entropy(lg, tgt, ignore_index=-100, reduction="sum")
+    return loss_sum / n.clamp(min=1), n
+
+
+def load_balance_loss(routers: list[RouterOut], num_experts: int, count_reducer=None) -> torch.Tensor:
+    """Mean over MoE layers of E * sum_e f_e * P_e (see module docstring)."""
+    counts_LE = torch.stack([torch.bincount(r.ids.reshape(-1), minlength=num_experts) for r in routers]).float()
+    if count_reducer is not None:
+        counts_LE = count_reducer(counts_LE)
+    f_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
+    P_LE = torch.stack([r.probs.mean(0) for r in routers])
+    return (num_experts * (f_LE * P_LE).sum(-1)).mean()
+
+
+@torch.no_grad()
+def init_weights(model: Mellum2) -> None:
+    """The one initialisation of every tensor (GPT-2/OLMo style, std = cfg.initializer_range = s):
+    - embedding, q/k/v, dense gate/up, expert gate/up, MTP fc, LM head: N(0, s^2)
+    - router: N(0, s^2) (near-uniform routing at start)
+    - output projections (attention o_proj, dense and expert down_proj): N(0, (s / sqrt(2 L))^2),
+      L = decoder layers incl. MTP, so the residual stream's variance does not grow with depth
+    - RMSNorm weights: 1; rotary tables recomputed."""
+    from .moe import Experts, Router
+
+    cfg = model.cfg
+    s = cfg.initializer_range
+    s_out = s / math.sqrt(2 * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
+    for name, m in model.named_modules():
+        if isinstance(m, RMSNorm):
+            m.weight.fill_(1.0)
+        elif isinstance(m, Experts):
+            m.gate_proj.normal_(0.0, s)
+            m.up_proj.normal_(0.0, s)
+            m.down_proj.normal_(0.0, s_out)
+        elif isinstance(m, (nn.Linear, nn.Embedding, Router)):
+            is_out = name.endswith("o_proj") or name.endswith("down_proj")
+            m.weight.normal_(0.0, s_out if is_out else s)
+    model.rotary.reset()

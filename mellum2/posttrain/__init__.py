@@ -1,0 +1,1 @@
+"""mellum2.posttrain"""
