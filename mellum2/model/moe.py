@@ -52,6 +52,8 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.impl = "grouped"  # or "loop" (the reference)
+        # the grouped matmul (x_SK, w_EKN, offs_E) -> y_SN; train/fp8.py swaps in an FP8 version
+        self.gmm = F.grouped_mm
 
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         return (self.grouped if self.impl == "grouped" else self.loop)(x_TD, ids_TK, w_TK)
@@ -64,9 +66,9 @@ class Experts(nn.Module):
         tok_S = order_S // K  # token of each sorted slot
         offs_E = torch.bincount(ids_S, minlength=self.num_experts).cumsum(0).to(torch.int32)
         x_SD = x_TD.to(dt)[tok_S]
-        g_SI = F.grouped_mm(x_SD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
-        u_SI = F.grouped_mm(x_SD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
-        y_SD = F.grouped_mm(F.silu(g_SI) * u_SI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
+        g_SI = self.gmm(x_SD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
+        u_SI = self.gmm(x_SD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
+        y_SD = self.gmm(F.silu(g_SI) * u_SI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
         y_SD = y_SD * w_TK.reshape(-1)[order_S, None].to(dt)
         return torch.zeros(T, x_TD.shape[1], dtype=dt, device=x_TD.device).index_add_(0, tok_S, y_SD)
 
