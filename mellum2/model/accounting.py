@@ -62,12 +62,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool | None = None) -> 
     mtp = bool(cfg.num_nextn_predict_layers) if mtp is None else mtp
     k, e = cfg.num_experts_per_tok, cfg.num_experts
     t = param_table(cfg)["trunk"]
-    matmul = t["attention"] + t["experts"] * k / e + t["router"] + t["dense_mlp"] + t["lm_head"]
+    qk_norms = 2 * cfg.head_dim  # per attention layer, not a matmul
+    matmul = t["attention"] - cfg.num_hidden_layers * qk_norms + t["experts"] * k / e + t["router"] \
+        + t["dense_mlp"] + t["lm_head"]
     qd = cfg.num_attention_heads * cfg.head_dim
     attn = sum(4 * qd * _avg_keys(seq_len, cfg.window_of(lt)) for lt in cfg.layer_types)
     if mtp and cfg.num_nextn_predict_layers:
         m = param_table(cfg)["mtp"]
-        matmul += m["fc"] + m["attention"] + m["experts"] * k / e + m["router"] + m["dense_mlp"] + t["lm_head"]
+        matmul += m["fc"] + m["attention"] - qk_norms + m["experts"] * k / e + m["router"] + m["dense_mlp"] + t["lm_head"]
         attn += 4 * qd * _avg_keys(seq_len, None)
     fwd = 2 * matmul + attn
     return {"forward": fwd, "train": 3 * fwd, "matmul_params": matmul, "attention_forward": attn}

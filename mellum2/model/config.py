@@ -173,8 +173,7 @@ class ModelConfig:
                 continue
             d[inv.get(f.name, f.name)] = v
         d.update(copy.deepcopy(self.extra))
-        d.setdefault("model_type", "mellum")
-        d.setdefault("architectures", ["MellumForCausalLM"])
+        d["model_type"] = "mellum"
         return d
 
     @classmethod

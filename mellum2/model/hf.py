@@ -77,7 +77,8 @@ def save_pretrained(model: Mellum2, path, max_shard_bytes: int | None = None, dt
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
                      "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
             (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        cfg = model.cfg.replace(extra={**model.cfg.extra, "dtype": str(dtype).removeprefix("torch.")})
+        cfg = model.cfg.replace(extra={**model.cfg.extra, "architectures": ["MellumForCausalLM"],
+                                       "dtype": str(dtype).removeprefix("torch.")})
         cfg.save(tmp / "config.json")
         for f in tmp.iterdir():
             _fsync(f)
