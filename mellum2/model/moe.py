@@ -60,17 +60,19 @@ class Experts(nn.Module):
 
     def grouped(self, x_TD, ids_TK, w_TK):
         T, K = ids_TK.shape
+        D = x_TD.shape[1]
         dt = _compute_dtype(x_TD)
-        ids_S = ids_TK.reshape(-1)
+        ids_S = ids_TK.reshape(-1)  # slot s = t * K + k
         order_S = ids_S.argsort(stable=True)  # slots sorted by expert
-        tok_S = order_S // K  # token of each sorted slot
+        inv_S = torch.empty_like(order_S).index_copy_(0, order_S, torch.arange(order_S.numel(), device=ids_S.device))
         offs_E = torch.bincount(ids_S, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        x_SD = x_TD.to(dt)[tok_S]
+        x_SD = x_TD.to(dt)[:, None].expand(T, K, D).reshape(T * K, D)  # each token once per slot
+        x_SD = PermuteRows.apply(x_SD, order_S, inv_S)  # grouped by expert
         g_SI = self.gmm(x_SD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
         u_SI = self.gmm(x_SD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
         y_SD = self.gmm(F.silu(g_SI) * u_SI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
-        y_SD = y_SD * w_TK.reshape(-1)[order_S, None].to(dt)
-        return torch.zeros(T, x_TD.shape[1], dtype=dt, device=x_TD.device).index_add_(0, tok_S, y_SD)
+        y_TKD = PermuteRows.apply(y_SD, inv_S, order_S).view(T, K, D)  # back to slot order
+        return (y_TKD * w_TK.to(dt)[..., None]).sum(1)
 
     def loop(self, x_TD, ids_TK, w_TK):
         dt = _compute_dtype(x_TD)
@@ -84,6 +86,20 @@ class Experts(nn.Module):
             y = (h @ self.down_proj[e].to(dt).T) * w_TK[tok, slot, None].to(dt)
             out_TD = out_TD.index_add(0, tok, y)
         return out_TD
+
+
+class PermuteRows(torch.autograd.Function):
+    """y = x[perm] for a permutation; the backward is the inverse gather (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g[inv], None, None
 
 
 class MoE(nn.Module):
