@@ -138,3 +138,37 @@ def test_init_statistics():
     assert m.model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(s_out, rel=0.05)
     assert torch.all(m.model.layers[0].self_attn.q_norm.weight == 1)
     assert torch.all(m.mtp.norm.weight == 1)
+
+
+@pytest.mark.parametrize("window, packed, block", [(None, True, 16), (8, False, 8), (8, True, 5), (3, True, 64)])
+def test_blocked_attention_equals_dense_mask(window, packed, block):
+    from mellum2.model.layers import blocked_attention
+    B, H, G, T, d = 2, 4, 2, 50, 8
+    q = torch.randn(B, H, T, d, requires_grad=True)
+    k = torch.randn(B, G, T, d, requires_grad=True)
+    v = torch.randn(B, G, T, d, requires_grad=True)
+    doc = doc_ids_from_positions(torch.cat([torch.arange(20), torch.arange(30)]).expand(B, T)) if packed else None
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask(T, window, doc, "cpu"), enable_gqa=True)
+    blocked = blocked_attention(q, k, v, window, doc, block)
+    torch.testing.assert_close(blocked, dense, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(dense)
+    ga = torch.autograd.grad(dense, (q, k, v), g)
+    gb = torch.autograd.grad(blocked, (q, k, v), g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the last queries of a longer key sequence (a cache holding earlier positions)
+    tail = blocked_attention(q[:, :, 40:], k, v, window, doc, block)
+    torch.testing.assert_close(tail, dense[:, :, 40:], rtol=1e-5, atol=1e-6)
+
+
+def test_long_sequences_take_the_blocked_path(small, monkeypatch):
+    from mellum2.model.layers import MaskCache
+    ids = torch.randint(0, 256, (1, 70))
+    pos = torch.cat([torch.arange(30), torch.arange(40)])[None]
+    with torch.no_grad():
+        dense = small(ids, position_ids=pos).logits
+        monkeypatch.setattr(MaskCache, "dense_max", 16)
+        plans = MaskCache(small.cfg, 70, doc_ids_from_positions(pos), "cpu")
+        assert plans.get("sliding_attention").kind == "blocked" and plans.get("full_attention").kind == "blocked"
+        blocked = small(ids, position_ids=pos).logits
+    torch.testing.assert_close(blocked, dense, rtol=1e-5, atol=1e-5)

@@ -128,22 +128,77 @@ def attn_mask(T: int, window: int | None, doc_ids_BT: torch.Tensor | None, devic
     return (m_TT[None] & same_BTT)[:, None]
 
 
+def blocked_attention(q_BHTd, k_BGSd, v_BGSd, window: int | None, doc_BT=None, block: int = 512,
+                      q_offset: int | None = None):
+    """Causal (windowed, per-document) attention one query block at a time, so no T x T mask or score
+    matrix ever exists: a block of C queries sees at most C + window keys on sliding layers (the
+    long-context memory win) and C x S on full layers. Keys/values cover positions 0..S-1; queries
+    are the last T of them (q_offset = S - T when a cache holds earlier keys)."""
+    T, S = q_BHTd.shape[2], k_BGSd.shape[2]
+    q_offset = S - T if q_offset is None else q_offset
+    gqa = q_BHTd.shape[1] != k_BGSd.shape[1]
+    outs = []
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        qs, qe = q_offset + s, q_offset + e  # absolute query positions
+        ks = max(0, qs - window + 1) if window is not None else 0
+        qi = torch.arange(qs, qe, device=q_BHTd.device)
+        ki = torch.arange(ks, qe, device=q_BHTd.device)
+        m_CK = ki[None, :] <= qi[:, None]
+        if window is not None:
+            m_CK = m_CK & (qi[:, None] - ki[None, :] < window)
+        m = m_CK[None, None]
+        if doc_BT is not None:
+            m = m & (doc_BT[:, None, qs:qe, None] == doc_BT[:, None, None, ks:qe])
+        outs.append(F.scaled_dot_product_attention(
+            q_BHTd[:, :, s:e], k_BGSd[:, :, ks:qe], v_BGSd[:, :, ks:qe], attn_mask=m, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
+
+
+class AttnPlan:
+    """How one layer type attends in a cache-free forward: plain causal (SDPA's flash path), a dense
+    boolean mask (short sequences), or query blocks (long sequences: no T x T tensor)."""
+
+    __slots__ = ("kind", "mask", "window", "doc", "block")
+
+    def __init__(self, kind, mask=None, window=None, doc=None, block=512):
+        self.kind, self.mask, self.window, self.doc, self.block = kind, mask, window, doc, block
+
+
+def attend(q_BHTd, k_BGTd, v_BGTd, plan: AttnPlan | None):
+    gqa = q_BHTd.shape[1] != k_BGTd.shape[1]
+    if plan is None or plan.kind == "causal":
+        return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=gqa)
+    if plan.kind == "dense":
+        return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=plan.mask, enable_gqa=gqa)
+    return blocked_attention(q_BHTd, k_BGTd, v_BGTd, plan.window, plan.doc, plan.block, q_offset=0)
+
+
 class MaskCache:
-    """Builds each layer type's mask once per forward pass (layers of a type share it)."""
+    """Plans each layer type's attention once per forward pass (layers of a type share it).
+
+    Sequences up to `dense_max` tokens use one boolean mask (fastest at short lengths); longer ones
+    with a window or packed documents go block by block, so memory grows linearly in T."""
+
+    dense_max = 2048
 
     def __init__(self, cfg: ModelConfig, T: int, doc_ids_BT: torch.Tensor | None, device):
         self.cfg, self.T, self.doc, self.device = cfg, T, doc_ids_BT, device
-        self._m: dict[str, torch.Tensor | None] = {}
+        self._p: dict[str, AttnPlan] = {}
 
-    def get(self, layer_type: str) -> torch.Tensor | None:
-        """None means 'plain causal' (SDPA's is_causal fast path)."""
-        if layer_type not in self._m:
+    def get(self, layer_type: str) -> AttnPlan:
+        if layer_type not in self._p:
             w = self.cfg.window_of(layer_type)
             if w is not None and w >= self.T:
                 w = None
-            self._m[layer_type] = None if (w is None and self.doc is None) else attn_mask(
-                self.T, w, self.doc, self.device)
-        return self._m[layer_type]
+            if w is None and self.doc is None:
+                plan = AttnPlan("causal")
+            elif self.T <= self.dense_max:
+                plan = AttnPlan("dense", mask=attn_mask(self.T, w, self.doc, self.device))
+            else:
+                plan = AttnPlan("blocked", window=w, doc=self.doc, block=min(512, w or 512))
+            self._p[layer_type] = plan
+        return self._p[layer_type]
 
 
 # ---------------------------------------------------------------------------- attention
@@ -167,7 +222,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x_BTD, cos, sin, mask, cache=None):
+    def forward(self, x_BTD, cos, sin, plan: AttnPlan | None, cache=None):
         B, T, _ = x_BTD.shape
         d = self.head_dim
         q_BHTd = self.q_norm(self.q_proj(x_BTD).view(B, T, self.n_heads, d)).transpose(1, 2)
@@ -177,6 +232,5 @@ class Attention(nn.Module):
         if cache is not None:
             o_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
         else:
-            o_BHTd = F.scaled_dot_product_attention(
-                q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads)
+            o_BHTd = attend(q_BHTd, k_BGTd, v_BGTd, plan)
         return self.o_proj(o_BHTd.transpose(1, 2).reshape(B, T, self.n_heads * d))

@@ -49,10 +49,10 @@ class MTP(nn.Module):
             torch.arange(T, device=z_BTD.device).expand(B, T)
         cos, sin = lm.rotary(pos_BT, self.layer_type, z_BTD.dtype if not torch.is_autocast_enabled(
             z_BTD.device.type) else torch.get_autocast_dtype(z_BTD.device.type))
-        mask = None
+        plan = None
         if cache is None:
-            mask = MaskCache(lm.cfg, T, packed_doc_ids(position_ids_BT), z_BTD.device).get(self.layer_type)
-        y_BTD, r = self.layers[0](z_BTD, cos, sin, mask, cache)
+            plan = MaskCache(lm.cfg, T, packed_doc_ids(position_ids_BT), z_BTD.device).get(self.layer_type)
+        y_BTD, r = self.layers[0](z_BTD, cos, sin, plan, cache)
         return y_BTD, ([r] if r is not None else [])
 
     def logits(self, lm, y_BTD):

@@ -42,8 +42,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x_BTD, cos, sin, mask, cache=None):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask, cache)
+    def forward(self, x_BTD, cos, sin, plan, cache=None):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, plan, cache)
         y_BTD, router = self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD + y_BTD, router
 
@@ -105,8 +105,8 @@ class Mellum2(nn.Module):
         routers = []
         for layer in self.model.layers:
             cos, sin = rope[layer.layer_type]
-            mask = None if cache is not None else masks.get(layer.layer_type)
-            x_BTD, r = layer(x_BTD, cos, sin, mask, cache)
+            plan = None if cache is not None else masks.get(layer.layer_type)
+            x_BTD, r = layer(x_BTD, cos, sin, plan, cache)
             if r is not None:
                 routers.append(r)
         return x_BTD, routers
