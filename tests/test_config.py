@@ -93,3 +93,14 @@ def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         ModelConfig.from_preset("nope")
     assert {"mellum2-12b", "mellum2-12b-8k", "tiny"} <= set(PRESETS)
+
+
+def test_extend_context_reproduces_the_released_128k_config():
+    ext = ModelConfig.from_preset("mellum2-12b-8k").extend_context(16)
+    assert ext.to_hf_dict() == ModelConfig.from_preset("mellum2-12b").to_hf_dict()
+    both = ModelConfig.from_preset("tiny").extend_context(4, ("full_attention", "sliding_attention"))
+    assert {v["rope_type"] for v in both.rope_parameters.values()} == {"yarn"}
+    assert ModelConfig.from_preset("tiny").extend_context(4, ()).rope_parameters == \
+        ModelConfig.from_preset("tiny").rope_parameters
+    with pytest.raises(ConfigError, match="already uses YaRN"):
+        ModelConfig.from_preset("mellum2-12b").extend_context(2)

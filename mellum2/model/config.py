@@ -159,6 +159,23 @@ class ModelConfig:
         d.update(changes)
         return ModelConfig(**d)
 
+    def extend_context(self, factor: float, layer_types=("full_attention",)) -> "ModelConfig":
+        """Mellum 2's context extension: YaRN (factor, original = the current context, beta 32/1,
+        attention factor 0.1 ln(factor) + 1) on the listed layer types, plain RoPE elsewhere;
+        max_position_embeddings grows by `factor`. layer_types=() keeps RoPE unchanged everywhere
+        (the ablation's baseline), ("full_attention", "sliding_attention") is uniform YaRN."""
+        if factor < 1:
+            raise ConfigError(f"extend_context: factor must be >= 1 (got {factor})")
+        rp = copy.deepcopy(self.rope_parameters)
+        orig = self.max_position_embeddings
+        for lt in layer_types:
+            if lt not in rp:
+                raise ConfigError(f"extend_context: no rope_parameters entry for layer type {lt!r}")
+            if rp[lt].get("rope_type") == "yarn":
+                raise ConfigError(f"extend_context: {lt} already uses YaRN (factor {rp[lt]['factor']})")
+            rp[lt] = yarn_rope(rp[lt]["rope_theta"], factor, orig)
+        return self.replace(rope_parameters=rp, max_position_embeddings=int(orig * factor))
+
     # ------------------------------------------------------------------ HF config.json
     def to_hf_dict(self) -> dict[str, Any]:
         """transformers' config.json form: HF names, our extra fields only when non-default."""
