@@ -1,0 +1,160 @@
+"""Muon (Jordan et al. 2024; Moonlight, Liu et al. 2025): momentum, then orthogonalise, for matrices
+and for stacks of matrices (MoE experts).
+
+Same constructor as `torch.optim.Muon` (torch 2.13), same numerics on 2-D parameters (the test
+compares both bit for bit): EMA momentum `buf <- lerp(buf, g, 1 - mu)`, Nesterov `u = lerp(g, buf, mu)`,
+five quintic Newton-Schulz steps in bf16 with coefficients (3.4445, -4.7750, 2.0315) after
+normalising by the Frobenius norm, decoupled weight decay `p <- p (1 - lr wd)`, then
+`p <- p - lr_adj O`. With `adjust_lr_fn="match_rms_adamw"` (what pre-training uses) lr_adj is
+Moonlight's `0.2 sqrt(max(rows, cols)) lr`, which gives the update the RMS of an AdamW update so one
+learning rate serves both optimisers (Mellum 2 report, §3 of docs/mellum2-facts.md).
+
+What is added over torch's:
+- 3-D parameters [E, rows, cols] are E independent matrices (MoE experts): one batched Newton-Schulz
+  (`baddbmm`) over the leading dimension; the rows/cols of the scale are the last two dimensions.
+  `zeropower_looped` is the obviously correct per-matrix reference (tests/test_muon.py).
+- `lr` may be a 0-d tensor (schedules then never change a Python constant under torch.compile).
+- FSDP2 / DTensor parameters (train/parallel.py). Decision: FSDP2 shards dim 0, which for an expert
+  stack means whole experts per rank, so 3-D parameters are orthogonalised locally with no
+  communication. A 2-D matrix sharded by rows is gathered (`full_tensor`), orthogonalised on every
+  rank (redundant but exact: every rank derives the same O) and each rank keeps its own rows. At
+  12B scale the 2-D matrices are the attention projections (about 5% of parameters), so the gather is
+  small next to the experts; distributing the 2-D work round-robin over ranks is the next step.
+  Momentum buffers are DTensors shaped like their parameter, so distributed checkpointing gathers them.
+
+Shapes: E leading batch (experts), R rows, C columns of each matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+try:  # DTensor exists in every torch we support; guarded so a stripped build still imports
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = Shard = distribute_tensor = None
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower(g: Tensor, coeffs=NS_COEFFICIENTS, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximate U V^T of g = U S V^T for a matrix [R, C] or a stack [E, R, C]; result in bf16.
+
+    Works on the wide orientation (R <= C) so the Gram matrices are the small R x R ones."""
+    if g.ndim not in (2, 3):
+        raise ValueError(f"zeropower: expected a 2-D or 3-D tensor, got shape {tuple(g.shape)}")
+    a, b, c = coeffs
+    tall = g.shape[-2] > g.shape[-1]
+    x = g.bfloat16()
+    if tall:
+        x = x.mT
+    if g.ndim == 2:
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram_RR = x @ x.T
+            poly_RR = torch.addmm(gram_RR, gram_RR, gram_RR, beta=b, alpha=c)
+            x = torch.addmm(x, poly_RR, x, beta=a)
+    else:
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram_ERR = x @ x.mT
+            poly_ERR = torch.baddbmm(gram_ERR, gram_ERR, gram_ERR, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly_ERR, x, beta=a)
+    return x.mT if tall else x
+
+
+def zeropower_looped(g_ERC: Tensor, coeffs=NS_COEFFICIENTS, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Reference for the batched path: one 2-D Newton-Schulz per matrix of the stack."""
+    return torch.stack([zeropower(g, coeffs, steps, eps) for g in g_ERC])
+
+
+def update_scale(shape, adjust_lr_fn: str | None) -> float:
+    """Multiplier of lr for one matrix of `shape` (rows, cols are the last two dimensions)."""
+    rows, cols = shape[-2], shape[-1]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":  # Keller Jordan's
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":  # Moonlight's
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"Muon: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor this rank holds (itself unless a DTensor); in-place edits reach the parameter."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _experts_whole_on_rank(p) -> bool:
+    """True when each rank holds whole matrices of a 3-D DTensor (sharded only along dim 0)."""
+    return p.ndim == 3 and all(not isinstance(pl, Shard) or pl.dim == 0 for pl in p.placements)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D and 3-D parameters; see the module docstring. Arguments as torch.optim.Muon."""
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"Muon: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if not lr >= 0:
+            raise ValueError(f"Muon: lr must be >= 0, got {lr}")
+        if not momentum >= 0:
+            raise ValueError(f"Muon: momentum must be >= 0, got {momentum}")
+        if not weight_decay >= 0:
+            raise ValueError(f"Muon: weight_decay must be >= 0, got {weight_decay}")
+        if not 0 < ns_steps < 100:
+            raise ValueError(f"Muon: ns_steps must be in 1..99, got {ns_steps}")
+        if len(ns_coefficients) != 3:
+            raise ValueError(f"Muon: ns_coefficients must be three numbers, got {ns_coefficients!r}")
+        update_scale((1, 1), adjust_lr_fn)  # validates the name
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"Muon: parameters must be matrices [R, C] or expert stacks [E, R, C]; "
+                                     f"got shape {tuple(p.shape)} (optimise it with AdamW)")
+
+    def _orthogonalise(self, u: Tensor, p: Tensor, group) -> Tensor:
+        """O for the local shard of p, given the local shard u of the momentum update."""
+        ns = dict(coeffs=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"])
+        if DTensor is None or not isinstance(p, DTensor):
+            return zeropower(u, **ns)
+        if _experts_whole_on_rank(p):
+            return zeropower(u, **ns) if u.numel() else u.bfloat16()
+        full = DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        o = zeropower(full, **ns)
+        return distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or torch.is_complex(p):
+                    raise RuntimeError("Muon: sparse gradients and complex parameters are not supported")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                g, buf, w = _local(p.grad), _local(state["momentum_buffer"]), _local(p)
+                buf.lerp_(g, 1 - mu)
+                u = g.lerp(buf, mu) if group["nesterov"] else buf
+                o = self._orthogonalise(u, p, group)
+                scale = update_scale(p.shape, group["adjust_lr_fn"])
+                if isinstance(lr, Tensor):
+                    w.mul_(1 - lr * wd)
+                    w.sub_(o * (lr * scale))
+                else:
+                    w.mul_(1 - lr * wd)
+                    w.add_(o, alpha=-(lr * scale))
+        return loss
