@@ -1,1 +1,1 @@
-"""mellum2.eval"""
+"""Evaluations: passkey retrieval, perplexity by position (more to come: HumanEval, bits per byte, FIM)."""

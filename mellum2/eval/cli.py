@@ -1,0 +1,107 @@
+"""`mellum2 eval <task>`: evaluations of a checkpoint.
+
+  passkey          retrieval of a number hidden at several depths, at several lengths
+  ppl-by-position  perplexity in position buckets on long held-out repository-level code
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def load_tokenizer(model_dir: str | None, tokenizer_dir: str | None):
+    """The tokenizer saved with the checkpoint, else an explicit one, else the default corpus's."""
+    from ..tokenizer import Tokenizer
+
+    for cand in ([tokenizer_dir] if tokenizer_dir else []) + ([model_dir] if model_dir else []):
+        p = Path(cand)
+        for d in (p, p / "tokenizer"):
+            if (d / "tokenizer.json").exists():
+                return Tokenizer.load(d)
+    if tokenizer_dir:
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json")
+    from ..data import default_data_dir
+
+    d = default_data_dir() / "tokenizer"
+    if not (d / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir} and no default corpus tokenizer at {d}; "
+                                f"pass --tokenizer DIR or run `mellum2 data prepare`")
+    return Tokenizer.load(d)
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return v
+
+
+def _fracs(s: str) -> list[float]:
+    try:
+        v = [float(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {s!r}") from None
+    if not v or min(v) < 0 or max(v) > 1:
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {s!r}")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mellum2 eval", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="task", required=True)
+    for name in ("passkey", "ppl-by-position"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True, help="checkpoint directory")
+        p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else the corpus's)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--json", help="also write the results to this file")
+    p = sub.choices["passkey"]
+    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    p.add_argument("--depths", type=_fracs, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--samples", type=int, default=5, help="samples per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.choices["ppl-by-position"]
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--n", type=int, default=4, help="number of sequences")
+    p.add_argument("--source", help="directory of source files (default: the interpreter's pip package)")
+    p.add_argument("--first-bucket", type=int, default=256)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from ..model import load_pretrained
+
+    model = load_pretrained(a.model, dtype=a.dtype, mtp=False)
+    tok = load_tokenizer(a.model, a.tokenizer)
+    torch.manual_seed(0)
+    if a.task == "passkey":
+        from . import passkey
+
+        def show(L, d, acc):
+            print(f"  length {L:>6} depth {d:.2f}: {acc:.2f}", file=sys.stderr)
+
+        res = passkey.run(model, tok, a.lengths, a.depths, a.samples, a.seed, progress=show)
+        print(f"passkey accuracy ({a.samples} samples per cell, native context "
+              f"{model.cfg.rope_parameters['full_attention'].get('original_max_position_embeddings', model.cfg.max_position_embeddings)}):")
+        for L, acc in res["by_length"].items():
+            print(f"  {L:>6} tokens: {acc:.2f}")
+    else:
+        from . import longdata, ppl
+
+        seqs = longdata.repo_sequences(tok, a.length, a.n, a.source)
+        nll = ppl.nll_by_position(model, seqs)
+        res = {"buckets": ppl.bucketed(nll, ppl.buckets_for(a.length, a.first_bucket)), "n": len(seqs)}
+        print(f"perplexity by position ({len(seqs)} sequences of {a.length} tokens):")
+        for r in res["buckets"]:
+            print(f"  [{r['from']:>6}, {r['to']:>6}): nll {r['nll']:.3f}  ppl {r['ppl']:.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0

@@ -1,0 +1,66 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023): a number hidden at a given depth of filler text, asked
+for at the end. Used to check context extension (Mellum 2 §4; the report uses RULER at 64K).
+
+Scoring is exact greedy decoding without a decode loop: the answer is correct iff, fed the right
+prefix, the model's argmax at every answer position is the answer token, which is precisely when
+greedy generation would emit it. One forward pass per sample, however long the context.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? The pass key is "
+
+
+@dataclass
+class Sample:
+    ids: list[int]  # prompt + answer
+    n_answer: int  # the last n_answer ids are the answer
+    length: int
+    depth: float
+    key: str
+
+
+def make_sample(tok, length: int, depth: float, rng: random.Random, digits: int = 5) -> Sample:
+    """A prompt of about `length` tokens with the needle at relative `depth` (0 = start, 1 = end)."""
+    key = "".join(rng.choice("0123456789") for _ in range(digits))
+    if key[0] == "0":
+        key = str(rng.randint(1, 9)) + key[1:]
+    filler = tok.encode(FILLER)
+    needle = tok.encode(NEEDLE.format(key=key))
+    question = tok.encode(QUESTION)
+    answer = tok.encode(key + ".")
+    n_fill = max(0, length - len(needle) - len(question) - len(answer))
+    reps = n_fill // len(filler) + 1
+    hay = (filler * reps)[:n_fill]
+    # insert at a filler-sentence boundary so the needle is never glued to a cut word
+    cut = min(round(depth * n_fill / len(filler)) * len(filler), n_fill)
+    ids = hay[:cut] + needle + hay[cut:] + question + answer
+    return Sample(ids, len(answer), len(ids), depth, key)
+
+
+@torch.no_grad()
+def score(model, sample: Sample) -> bool:
+    ids = torch.tensor([sample.ids])
+    h, _ = model.trunk(ids[:, :-1])
+    logits = model.head(h[:, -sample.n_answer:])  # predictions for the answer tokens only
+    return bool((logits.argmax(-1)[0] == ids[0, -sample.n_answer:]).all())
+
+
+def run(model, tok, lengths, depths, samples: int = 5, seed: int = 0, progress=None) -> dict:
+    """Accuracy per (length, depth) and per length."""
+    rng = random.Random(seed)
+    grid = {}
+    for L in lengths:
+        for d in depths:
+            ok = [score(model, make_sample(tok, L, d, rng)) for _ in range(samples)]
+            grid[(L, d)] = sum(ok) / len(ok)
+            if progress:
+                progress(L, d, grid[(L, d)])
+    by_len = {L: sum(grid[(L, d)] for d in depths) / len(depths) for L in lengths}
+    return {"grid": {f"{L}@{d}": a for (L, d), a in grid.items()}, "by_length": by_len}
