@@ -102,6 +102,7 @@ class Loader:
         input_ids = np.full((B, T), self.pad_id, np.int64)
         labels = np.full((B, T), -100, np.int64)
         position_ids = np.zeros((B, T), np.int64)
+        placed = 0
         for b in range(B):
             self._refill()
             pos = 0
@@ -115,6 +116,12 @@ class Loader:
                 pos += n
             position_ids[b, pos:] = np.arange(T - pos)  # padding is its own "document"
             self.pad_tokens += T - pos
+            placed += pos
+        if placed == 0:
+            raise RuntimeError(
+                f"Loader: every domain of {self.store.root} reached the repetition cap "
+                f"(max_repeats={self.max_repeats}) at {self.tokens_seen} of {self.total_tokens} tokens; "
+                "prepare more data, raise max_repeats or lower total_tokens")
         self.tokens_seen += self.batch_tokens
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                 "position_ids": torch.from_numpy(position_ids)}
@@ -129,12 +136,7 @@ class Loader:
             live = {d for d in self.domains if self._cursor[d] is not None or not self.streams[d].exhausted}
             d = self._mixer.choose(live)
             if d is None:
-                if len(self.buffer) == 0:
-                    raise RuntimeError(
-                        f"Loader: every domain of {self.store.root} reached the repetition cap "
-                        f"(max_repeats={self.max_repeats}) at {self.tokens_seen} of {self.total_tokens} tokens; "
-                        "prepare more data, raise max_repeats or lower total_tokens")
-                return
+                return  # every domain is at its repetition cap: rows are padded, an empty batch raises
             if self._cursor[d] is None:
                 doc = self.streams[d].next()
                 if doc is None:
