@@ -86,6 +86,11 @@ def test_storage_is_lossless_with_metadata(prepared, corpus):
         sources_seen.add(Path(meta["source"]).name)
     assert sources_seen == set(MODULES)
     assert store.doc("code", 0, start=5, length=7).tolist() == store.doc("code", 0).tolist()[5:12]
+    repo = tok.decode(store.repo_sample("code/pkg", tok).tolist())  # files of one package, concatenated
+    assert repo.startswith("<reponame>code/pkg<filename>") and repo.endswith("<|endoftext|>")
+    assert repo.count("<filename>") == len(MODULES) and "<filename>textwrap.py\n" in repo
+    with pytest.raises(KeyError, match="no code documents"):
+        store.repo_sample("nope", tok)
     index = json.loads((out / INDEX).read_text())
     assert index["special_ids"]["im_end"] == 28 and index["domains"]["web"]["n_docs"] == 40
     assert verify(out) == []

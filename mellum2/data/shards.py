@@ -210,6 +210,23 @@ class ShardStore:
         for i in self.groups(domain).get(group, []):
             yield self.meta(domain, i), self.doc(domain, i)
 
+    def repo_sample(self, group: str, tokenizer, domain: str = "code") -> np.ndarray:
+        """One repository-level sample of `group` in StarCoder's layout: `<reponame>` group, then per
+        file `<filename>` relative/path + newline + its tokens, then `<|endoftext|>` (the raw material
+        of a long-context stage; `tokenizer` encodes the names)."""
+        docs = list(self.iter_group(group, domain))
+        if not docs:
+            raise KeyError(f"{self.root}: no {domain} documents in group {group!r}")
+        ids = self.special_ids
+        paths = [m["source"] for m, _ in docs]
+        base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+        parts = [[ids["reponame"]], tokenizer.encode(group, allow_special=False)]
+        for (meta, toks), path in zip(docs, paths):
+            rel = os.path.relpath(path, base) if base else path
+            parts += [[ids["file_sep"]], tokenizer.encode(rel + "\n", allow_special=False), toks]
+        parts.append([ids["eot"]])
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+
     def fingerprint(self) -> str:
         """Identifies the dataset (shard checksums); a loader state names the data it was drawn from."""
         h = hashlib.blake2b(digest_size=8)
