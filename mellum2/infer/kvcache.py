@@ -1,0 +1,148 @@
+"""Preallocated KV cache with per-row positions: full layers hold the whole context, sliding layers a
+ring buffer, so their memory stays flat however long the context grows.
+
+It implements the model's cache protocol (`attend(layer_idx, q, k, v) -> o`, see model/layers.py):
+the model stays cache-agnostic and this object stores k/v and computes the attention itself.
+
+Layout (gpt-fast style static cache): per layer one k and one v tensor [B, G, S, d], allocated once.
+- full-attention layers (and the MTP layer, index L = num_hidden_layers): S = capacity, slot = position.
+- sliding layers: S = R = min(capacity, W + step_tokens - 1), slot = position mod R. A step that
+  writes `step_tokens` tokens before attending still finds the W keys its oldest query needs, and what
+  it overwrites (positions <= p - W) no query needs again, even after speculative tokens are rejected.
+  `ring_pos_BR` records which position every slot holds (-1: empty).
+
+Per-row positions, not left padding: each row writes at its own positions, so prompts of different
+lengths need no padding mask at decode, rows may advance by different amounts (speculative decoding)
+and a finished row could later be refilled with a new request (continuous batching). Batched prefill
+right-pads the prompts: pads sit at positions after a row's last real token, so no real query sees
+them (causality) and the decode steps overwrite them before any query could.
+
+A step is `begin(pos_BT, ...)` (masks and slots once for all layers), then the forward pass calls
+`attend` per layer. Two attention paths:
+- in place (decode, speculative verify, short chunks): write k/v, then SDPA on the cache with a mask;
+  static shapes and no host syncs, so the step can be captured (CUDA graphs / torch.compile).
+- overflow (a chunk longer than a ring has room for, i.e. prefill): the sliding layers attend over
+  [ring ; chunk] and then keep each row's last R positions. Prefill only; it may sync.
+
+Shapes: B rows, T tokens this step, S slots, R ring slots, H query heads, G kv heads, d head_dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mellum2.model.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu",
+                 step_tokens: int = 1, mtp: bool = False):
+        if capacity < 1 or batch < 1 or step_tokens < 1:
+            raise ValueError(f"KVCache: batch, capacity and step_tokens must be >= 1, got "
+                             f"batch={batch} capacity={capacity} step_tokens={step_tokens}")
+        self.cfg, self.batch, self.capacity, self.step_tokens = cfg, batch, capacity, step_tokens
+        self.dtype, self.device = dtype, torch.device(device)
+        G, d = cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        self.ring = min(capacity, self.window + step_tokens - 1) if "sliding_attention" in cfg.layer_types else 0
+        types = list(cfg.layer_types) + ([cfg.mtp_layer_type] if mtp else [])
+        self.is_ring = [t == "sliding_attention" and self.ring < capacity for t in types]
+        self.wnd = [cfg.window_of(t) for t in types]  # window per layer (None: full)
+        self.k = [torch.zeros(batch, G, self.ring if r else capacity, d, dtype=dtype, device=device)
+                  for r in self.is_ring]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.ring_pos_BR = torch.full((batch, max(self.ring, 1)), -1, dtype=torch.long, device=device)
+        self.slots_S = torch.arange(capacity, device=device)
+        self._step = None
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes of stored keys and values (what `accounting.kv_cache_bytes` predicts)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self) -> None:
+        self.ring_pos_BR.fill_(-1)  # full layers need no reset: causality hides unwritten slots
+
+    # ------------------------------------------------------------------ a step
+    def begin(self, pos_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, hi: int | None = None,
+              ring: bool = True) -> None:
+        """Prepare a step writing tokens at positions pos_BT (each row increasing by 1 along T).
+
+        valid_BT marks real tokens (False: right padding of a batched prefill); it matters only on
+        the overflow path. hi: an upper bound on every position this step (host-known); full layers
+        then attend over the first `hi` slots only (fewer FLOPs, but a shape that changes).
+        ring=False: a step of full layers only (the MTP layer), which must not touch the rings."""
+        B, T = pos_BT.shape
+        if B != self.batch:
+            raise ValueError(f"KVCache.begin: pos_BT has {B} rows, the cache was built for {self.batch}")
+        if T > self.capacity:
+            raise ValueError(f"KVCache.begin: {T} tokens do not fit a cache of capacity {self.capacity}")
+        s = _Step()
+        s.T = T
+        s.hi = self.capacity if hi is None else max(1, min(hi, self.capacity))
+        q_BT1 = pos_BT[:, :, None]
+        # full layers: slot = position; a query sees every slot at or before its position
+        s.full_idx = pos_BT
+        dist_BTS = q_BT1 - self.slots_S[None, None, : s.hi]
+        s.full_mask = (dist_BTS >= 0)[:, None]  # [B, 1, T, S]
+        # a sliding layer whose window covers the whole capacity lives in a full buffer, plus a window
+        s.win_mask = ((dist_BTS >= 0) & (dist_BTS < self.window))[:, None] if self.window else None
+        if ring and self.ring and any(self.is_ring):
+            R, W = self.ring, self.window
+            s.overflow = T > R - W + 1
+            if not s.overflow:
+                s.ring_idx = pos_BT % R
+                self.ring_pos_BR.scatter_(1, s.ring_idx, pos_BT)
+                kp_B1R = self.ring_pos_BR[:, None, :]
+                s.ring_mask = ((kp_B1R >= 0) & (kp_B1R <= q_BT1) & (q_BT1 - kp_B1R < W))[:, None]
+            else:
+                kp_BK = torch.cat([self.ring_pos_BR, pos_BT], dim=1)  # old ring keys, then the chunk's
+                kp_B1K = kp_BK[:, None, :]
+                # old entries at or after the chunk's start are stale (rejected speculative tokens)
+                fresh_BK = torch.cat([self.ring_pos_BR < pos_BT[:, :1], torch.ones_like(pos_BT, dtype=torch.bool)], 1)
+                s.ring_mask = ((kp_B1K >= 0) & (kp_B1K <= q_BT1) & (q_BT1 - kp_B1K < W) & fresh_BK[:, None])[:, None]
+                # keep per row the last R real positions of the chunk (boolean indexing: prefill only)
+                valid = torch.ones_like(pos_BT, dtype=torch.bool) if valid_BT is None else valid_BT
+                end_B1 = torch.where(valid, pos_BT + 1, 0).amax(1, keepdim=True)
+                keep_BT = valid & (pos_BT >= end_B1 - R)
+                s.keep_rows, s.keep_t = keep_BT.nonzero(as_tuple=True)
+                s.keep_slots = pos_BT[s.keep_rows, s.keep_t] % R
+                self.ring_pos_BR[s.keep_rows, s.keep_slots] = pos_BT[s.keep_rows, s.keep_t]
+        self._step = s
+
+    def attend(self, layer_idx: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor):
+        s = self._step
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        if not self.is_ring[layer_idx]:
+            write(K, V, s.full_idx, k_BGTd, v_BGTd)
+            if s.hi < K.shape[2]:
+                K, V = K[:, :, : s.hi], V[:, :, : s.hi]
+            return sdpa(q_BHTd, K, V, s.full_mask if self.wnd[layer_idx] is None else s.win_mask)
+        if not s.overflow:
+            write(K, V, s.ring_idx, k_BGTd, v_BGTd)
+            return sdpa(q_BHTd, K, V, s.ring_mask)
+        o = sdpa(q_BHTd, torch.cat([K, k_BGTd.to(K.dtype)], 2), torch.cat([V, v_BGTd.to(V.dtype)], 2), s.ring_mask)
+        K[s.keep_rows, :, s.keep_slots] = k_BGTd[s.keep_rows, :, s.keep_t].to(K.dtype)
+        V[s.keep_rows, :, s.keep_slots] = v_BGTd[s.keep_rows, :, s.keep_t].to(V.dtype)
+        return o
+
+
+class _Step:
+    """What `begin` computed once for every layer of one forward pass."""
+
+    __slots__ = ("T", "hi", "full_idx", "full_mask", "win_mask", "overflow", "ring_idx", "ring_mask",
+                 "keep_rows", "keep_t", "keep_slots")
+
+
+def write(K_BGSd, V_BGSd, slot_BT, k_BGTd, v_BGTd) -> None:
+    """Store k/v of T tokens at per-row slots, in place (one scatter per tensor, no host sync)."""
+    B, G, T, d = k_BGTd.shape
+    idx = slot_BT[:, None, :, None].expand(B, G, T, d)
+    K_BGSd.scatter_(2, idx, k_BGTd.to(K_BGSd.dtype))
+    V_BGSd.scatter_(2, idx, v_BGTd.to(V_BGSd.dtype))
+
+
+def sdpa(q_BHTd, k_BGSd, v_BGSd, mask_B1TS):
+    """Attention of H query heads over G kv heads (GQA) with a boolean mask (True = attend)."""
+    return F.scaled_dot_product_attention(q_BHTd, k_BGSd.to(q_BHTd.dtype), v_BGSd.to(q_BHTd.dtype),
+                                          attn_mask=mask_B1TS, enable_gqa=q_BHTd.shape[1] != k_BGSd.shape[1])
