@@ -211,3 +211,20 @@ def test_ensure_default_data_builds_the_embedded_corpus(monkeypatch, tmp_path):
     assert ensure_default_data(progress=False) == d  # cached: returns at once
     batch = next(Loader(d, 8, 512, total_tokens=10**7))
     assert batch["input_ids"].shape == (8, 512) and int(batch["input_ids"].max()) < 8192
+
+
+def test_ensure_default_data_prepares_once(monkeypatch, tmp_path):
+    import mellum2.data.prepare as prep
+    from mellum2.data import ensure_default_data
+    calls = []
+
+    def fake_prepare(out, progress):
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / INDEX).write_text("{}")
+
+    monkeypatch.setenv("MELLUM2_CACHE", str(tmp_path))
+    monkeypatch.setattr(prep, "prepare", fake_prepare)
+    d = ensure_default_data(progress=False)
+    assert d == tmp_path / "data" / "default" and calls == [d]
+    assert ensure_default_data(progress=False) == d and len(calls) == 1

@@ -59,6 +59,8 @@ def test_jsonl(tmp_path):
     gz = tmp_path / "d.jsonl.gz"
     gz.write_bytes(gzip.compress(p.read_bytes()))
     assert [d.text for d in iter_jsonl(gz)] == ["def f(): pass", "plain prose"]
+    p.write_text('{"text": "lone \\ud800 surrogate"}\n')
+    assert [d.text for d in iter_jsonl(p)] == ["lone ? surrogate"]  # tokenizable
     p.write_text(json.dumps(rows[2]) + "\n")
     with pytest.raises(SourceError, match=r"d\.jsonl:1: no text field 'text'"):
         list(iter_jsonl(p))

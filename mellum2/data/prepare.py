@@ -53,10 +53,21 @@ def default_data_dir() -> Path:
 
 
 def ensure_default_data(progress: bool = True) -> Path:
-    """The default prepared directory, preparing the embedded corpus first if it is not complete."""
+    """The default prepared directory, preparing the embedded corpus first if it is not complete.
+    Safe to call from every rank at once: an exclusive file lock lets one process prepare while the
+    others wait and then find the index."""
+    import fcntl
     out = default_data_dir()
-    if not (out / INDEX).is_file():
-        prepare(out=out, progress=progress)
+    if (out / INDEX).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / INDEX).is_file():
+                prepare(out=out, progress=progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return out
 
 

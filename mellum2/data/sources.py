@@ -142,6 +142,10 @@ def _row_doc(row: dict, where: str, domain: str | None, text_field: str) -> Docu
         raise SourceError(f"{where}: no text field {text_field!r} (fields: {sorted(row)[:10]})")
     if not isinstance(text, str):
         raise SourceError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates (legal in JSON escapes) cannot be tokenized
+        text = text.encode("utf-8", "replace").decode("utf-8")
     dom = domain or row.get("domain") or "web"
     _check_domain(dom, where)
     lang = row.get("lang") or row.get("language") or ""
