@@ -183,7 +183,11 @@ def test_cli(prepared, corpus, tmp_path, capsys):
                      "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert data_cli(["info", str(tmp_path / "nowhere")]) == 2
-    for bad in (["prepare", "--scale", "-1"], ["prepare", "--vocab-size", "abc"], ["prepare", "--vocab-size", "100"],
+    other = ["prepare", "--sources", f"web:{corpus / 'web.jsonl'}", "--out", str(out), "--no-progress"]
+    with pytest.raises(SystemExit):  # a complete directory built from other sources is not silently reused
+        data_cli(other)
+    assert "pass --force" in capsys.readouterr().err
+    for bad in (["prepare", "--sources", "code:src"], ["prepare", "--scale", "-1"], ["prepare", "--vocab-size", "abc"], ["prepare", "--vocab-size", "100"],
                 ["frobnicate"], ["sample", "--phase", "4"]):
         with pytest.raises(SystemExit) as e:
             data_cli(bad)

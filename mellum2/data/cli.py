@@ -77,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "prepare":
             if args.vocab_size < 289:
                 parser.error(f"--vocab-size must be >= 289 (33 specials + 256 bytes), got {args.vocab_size}")
+            if args.out is None and args.sources != ["embedded"]:
+                parser.error("--out is required with --sources (the default directory holds the embedded corpus)")
             out = _dir(args.out)
             if (out / INDEX).is_file() and not args.force:
-                ShardStore(out)  # the cached directory must still be readable
+                store = ShardStore(out)  # the cached directory must still be readable
+                if store.index.get("sources") != args.sources:
+                    parser.error(f"--out {out} was prepared from {store.index.get('sources')}, not {args.sources}; "
+                                 "pass --force to rebuild it")
                 print(summary(json.loads((out / STATS).read_text())))
                 print(f"{out} is already prepared (--force rebuilds it)")
                 return 0
@@ -120,6 +125,9 @@ def _sample(d: Path, args) -> int:
     ids, pos = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
     starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
     for a, b in zip(starts, starts[1:]):
+        if set(ids[a:b]) == {tok.pad_id}:
+            print(f"--- padding: {b - a} tokens ---")
+            continue
         print(f"--- piece of {b - a} tokens (phase {args.phase}) ---")
         print(tok.decode(ids[a:b]))
     return 0
