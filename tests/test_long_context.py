@@ -38,7 +38,7 @@ def test_yarn_extended_checkpoint_matches_transformers_beyond_original_context(t
 
 class _Tok:
     """A character-level stand-in tokenizer (one id per character)."""
-    file_sep_id = 1
+    file_sep_id, reponame_id, eot_id = 1, 2, 3
 
     def encode(self, s, allow_special=True):
         return [ord(c) for c in s]
@@ -102,6 +102,6 @@ def test_repo_sequences(tmp_path):
             (tmp_path / "src" / pkg / f"m{i}.py").write_text(f"def f{i}():\n    return {i}\n" * 20)
     seqs = repo_sequences(_Tok(), 500, 2, tmp_path / "src")
     assert len(seqs) == 2 and all(len(s) == 500 for s in seqs)
-    assert seqs[0][0] == _Tok.file_sep_id and seqs[0].count(_Tok.file_sep_id) >= 1
+    assert seqs[0][0] == _Tok.reponame_id and seqs[0].count(_Tok.file_sep_id) >= 3
     with pytest.raises(FileNotFoundError):
         repo_sequences(_Tok(), 10, 1, tmp_path / "missing")

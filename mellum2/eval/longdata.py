@@ -1,8 +1,8 @@
 """Long held-out code for context evaluations: repository-level sequences.
 
-Files of one package are concatenated, each introduced by the file separator token and its path
-(`<filename>pkg/mod.py\\n<source>`), the repository-level format of StarCoder2/Mellum-style long-context
-data. The default source is the `pip` package of the running interpreter: pure Python present on
+Files of one package are concatenated in the same repository-level layout as the long-context training
+samples (`ShardStore.repo_sample`, StarCoder's): `<reponame>` package, then per file `<filename>`
+relative/path, a newline and its source, then `<|endoftext|>`. The default source is the `pip` package of the running interpreter: pure Python present on
 every machine with a venv, and never part of the embedded training corpus (site-packages excluded).
 """
 from __future__ import annotations
@@ -39,9 +39,12 @@ def repo_sequences(tok, length: int, n: int, root: Path | None = None, seed: int
     random.Random(seed).shuffle(names)
     seqs, cur = [], []
     for name in names:
+        cur += [tok.reponame_id] + tok.encode(name, allow_special=False)
         for path in groups[name]:
             text = path.read_text(errors="replace")
-            cur += [tok.file_sep_id] + tok.encode(f"{path.relative_to(root.parent)}\n{text}", allow_special=False)
+            rel = path.relative_to(root.parent / name)
+            cur += [tok.file_sep_id] + tok.encode(f"{rel}\n{text}", allow_special=False)
+        cur.append(tok.eot_id)
         while len(cur) >= length and len(seqs) < n:
             seqs.append(cur[:length])
             cur = []  # a fresh package starts the next sequence
