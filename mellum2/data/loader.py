@@ -61,6 +61,9 @@ class Loader:
         if not self.domains:
             raise ValueError(f"Loader: {data_dir} holds no documents")
         for p in self.phases:
+            if not p.weights(self.domains):
+                raise ValueError(f"Loader: {p.name}'s mixture {p.mixture} names no domain present in "
+                                 f"{data_dir} (it has {self.domains})")
             missing = [d for d, w in p.mixture.items() if w > 0 and d not in self.domains]
             if missing:
                 warnings.warn(f"Loader: {data_dir} has no {missing} documents; {p.name}'s mixture is "
