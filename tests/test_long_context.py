@@ -99,9 +99,9 @@ def test_repo_sequences(tmp_path):
     for pkg in ("a", "b"):
         (tmp_path / "src" / pkg).mkdir(parents=True)
         for i in range(3):
-            (tmp_path / "src" / pkg / f"m{i}.py").write_text(f"def f{i}():\n    return {i}\n" * 20)
-    seqs = repo_sequences(_Tok(), 500, 2, tmp_path / "src")
-    assert len(seqs) == 2 and all(len(s) == 500 for s in seqs)
+            (tmp_path / "src" / pkg / f"m{i}.py").write_text(f"def f{i}():\n    return {i}\n" * 3)
+    seqs = repo_sequences(_Tok(), 200, 2, tmp_path / "src")
+    assert len(seqs) == 2 and all(len(s) == 200 for s in seqs)
     assert seqs[0][0] == _Tok.reponame_id and seqs[0].count(_Tok.file_sep_id) >= 3
     with pytest.raises(FileNotFoundError):
         repo_sequences(_Tok(), 10, 1, tmp_path / "missing")
