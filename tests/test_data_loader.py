@@ -262,7 +262,7 @@ def test_bad_arguments_and_states(data_dir, tmp_path):
     with pytest.raises(ValueError, match="names no domain present"):
         Loader(code_only, 2, 64, 1000, phases=[{"budget": 1, "mixture": {"math": 1}}])
     with pytest.warns(UserWarning, match="renormalised"):
-        only = Loader(code_only, 1, 128, 1000)
+        only = Loader(code_only, 1, 128, 1000, fim_rates=[0, 0, 0])
     assert np.all(next(only)["input_ids"].numpy()[0, 1:101] == np.arange(1000, 1100))
     a = Loader(data_dir, 2, 64, 10_000, seed=1)
     for kw, field in [(dict(seed=2), "seed"), (dict(rank=1, world_size=2), "rank"), (dict(total_tokens=20_000), "total_tokens")]:
