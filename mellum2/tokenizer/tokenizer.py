@@ -125,7 +125,9 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
         """encode() over many texts, in parallel on all cores (the Rust engine's thread pool)."""
         tok = self.hf if allow_special else self._plain
-        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast skips character offsets, which we never use (about 2x faster)
+        fn = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        return [e.ids for e in fn(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; byte sequences that are not valid UTF-8 decode to U+FFFD."""
