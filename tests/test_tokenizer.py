@@ -111,6 +111,9 @@ def test_save_load_roundtrip(tok, tmp_path):
     again = Tokenizer.load(d)
     text = corpus()[0][:5000] + "<|im_start|>user\nhi<|im_end|>"
     assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
+    texts = corpus()[:5] + [text, ""]
+    for allow in (True, False):  # the parallel batch path agrees with encode()
+        assert tok.encode_batch(texts, allow_special=allow) == [tok.encode(t, allow_special=allow) for t in texts]
 
 
 def test_transformers_encodes_identically(tok, hf_tok):
