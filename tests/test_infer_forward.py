@@ -1,0 +1,74 @@
+"""The decode fast path (forward.Fast) against the model's own code driven through the same cache
+(forward.Reference), for the trunk, the LM head and the MTP head, every MoE implementation."""
+import pytest
+import torch
+
+from mellum2 import Mellum2, ModelConfig
+from mellum2.infer.forward import MOE_IMPLS, Fast, Reference
+from mellum2.infer.kvcache import KVCache
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(fwd, m, ids, P, step, steps):
+    """Prefill P tokens then `steps` steps of `step` tokens; logits of trunk and MTP at each step."""
+    B = ids.shape[0]
+    cache = KVCache(m.cfg, B, ids.shape[1] + 2, dtype=m.lm_head.weight.dtype, step_tokens=step, mtp=True)
+    outs = []
+    with torch.no_grad():
+        t, T = 0, P
+        for _ in range(steps + 1):
+            pos = torch.arange(t, t + T).expand(B, T)
+            h = fwd.trunk(ids[:, t:t + T], pos, cache)
+            y = fwd.mtp(h, ids[:, t + 1:t + T + 1], pos, cache)
+            outs += [fwd.head(h), fwd.mtp_head(y)]
+            t, T = t + T, step
+    return outs
+
+
+@pytest.mark.parametrize("preset", ["test-small", "test-small2"])
+@pytest.mark.parametrize("moe", [i for i in MOE_IMPLS])
+@pytest.mark.parametrize("step", [1, 2])
+def test_fast_matches_reference(preset, moe, step):
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset(preset)).eval()
+    ids = torch.randint(3, m.cfg.vocab_size, (3, 11 + 12 * step + 2))
+    ref = _run(Reference(m), m, ids, 11, step, 12)
+    fast = _run(Fast(m, moe), m, ids, 11, step, 12)
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-5)
+
+
+def test_fast_matches_reference_bf16():
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset("test-small")).eval().to(torch.bfloat16)
+    ids = torch.randint(3, m.cfg.vocab_size, (2, 30))
+    ref = _run(Reference(m), m, ids, 9, 1, 12)
+    fast = _run(Fast(m), m, ids, 9, 1, 12)
+    for a, b in zip(ref, fast):  # bf16 rounding happens at slightly different places
+        assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_refresh_sees_new_weights():
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset("test-small")).eval()
+    fast = Fast(m)
+    ids = torch.randint(3, 256, (1, 8))
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
+    fast.refresh()
+    a = _run(Reference(m), m, ids, 6, 1, 0)
+    b = _run(fast, m, ids, 6, 1, 0)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=2e-5)
+
+
+def test_bad_moe_impl():
+    m = Mellum2(ModelConfig.from_preset("test-small"))
+    with pytest.raises(ValueError, match="moe must be one of"):
+        Fast(m, "nope")
