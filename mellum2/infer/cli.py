@@ -1,0 +1,181 @@
+"""`mellum2 generate` and `mellum2 complete`: stream a completion to the terminal.
+
+    mellum2 generate --model runs/tiny --prompt "def fibonacci(n):" [--speculative] [--temperature 0.8 ...]
+    mellum2 complete --model runs/tiny --prefix "def add(a, b):\\n    " --suffix "\\n\\nprint(add(1, 2))"
+
+--model is a checkpoint directory (config.json + safetensors) or a training run directory (its newest
+checkpoint's model/ is used). The tokenizer is looked up next to the model, then in the run and in
+the default data directory (`--tokenizer DIR` to choose). The text streams to stdout as tokens come
+(held back while a multi-byte character is incomplete); the last line, on stderr, gives tokens/s
+and, with --speculative, the acceptance rate. The dispatcher (mellum2/cli.py) passes the sub-command
+as argv[0].
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class CliError(Exception):
+    pass
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A checkpoint directory, or a run directory whose newest checkpoint holds model/."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    ckpts = sorted((p / "checkpoints").glob("step_[0-9]*")) if (p / "checkpoints").is_dir() else []
+    for c in reversed(ckpts):
+        if (c / "model" / "config.json").is_file():
+            return c / "model"
+    raise CliError(f"--model {path}: no config.json there, in {path}/model or in {path}/checkpoints/step_*/model "
+                   f"(expected a checkpoint directory or a training run directory)")
+
+
+def resolve_tokenizer(arg: str | None, model_dir: Path):
+    from mellum2.tokenizer import Tokenizer
+
+    if arg:
+        return Tokenizer.load(arg)
+    candidates = [model_dir, model_dir / "tokenizer"] + [d / "tokenizer" for d in model_dir.parents[:4]]
+    try:
+        from mellum2.data import default_data_dir
+
+        candidates.append(Path(default_data_dir()) / "tokenizer")
+    except Exception:  # the data package may be absent
+        pass
+    for c in candidates:
+        if (c / "tokenizer.json").is_file():
+            return Tokenizer.load(c)
+    raise CliError(f"no tokenizer.json next to {model_dir}, in its parents or in the default data directory; "
+                   f"pass --tokenizer DIR")
+
+
+def build_parser(cmd: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"mellum2 {cmd}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="generate text from a prompt" if cmd == "generate"
+                                else "fill in the middle between a prefix and a suffix")
+    a = p.add_argument
+    a("--model", required=True, help="checkpoint directory or training run directory")
+    if cmd == "generate":
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--prompt", help="prompt text")
+        g.add_argument("--prompt-file", help="read the prompt from this file")
+        a("--no-bos", action="store_true", help="do not put <|endoftext|> (the bos) before the prompt")
+    else:
+        a("--prefix", required=True, help="code before the cursor")
+        a("--suffix", default="", help="code after the cursor")
+    a("--tokenizer", default=None, help="tokenizer directory (default: found next to the model)")
+    a("--max-new-tokens", type=int, default=256)
+    a("--temperature", type=float, default=0.0, help="0 = greedy")
+    a("--top-k", type=int, default=None)
+    a("--top-p", type=float, default=None)
+    a("--min-p", type=float, default=None)
+    a("--repetition-penalty", type=float, default=1.0)
+    a("--presence-penalty", type=float, default=0.0)
+    a("--seed", type=int, default=None)
+    a("--stop", action="append", default=[], help="stop string (repeatable)")
+    a("--speculative", action="store_true", help="MTP self-speculative decoding")
+    a("--draft-tokens", type=int, default=1, help="drafts per step with --speculative (the head reused)")
+    a("--dtype", choices=sorted(DTYPES), default="fp32")
+    a("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    a("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    return p
+
+
+class TextStream:
+    """Incremental detokenisation: print only text that can no longer change."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
+
+    def push(self, ids: list[int]) -> None:
+        self.ids += ids
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            return
+        self.out.write(text[self.shown:])
+        self.out.flush()
+        self.shown = len(text)
+
+    def finish(self, drop_last: bool) -> None:
+        text = self.tok.decode(self.ids[:-1] if drop_last else self.ids)
+        self.out.write(text[self.shown:] + "\n")
+        self.out.flush()
+
+
+def run(cmd: str, args) -> int:
+    from mellum2.model import load_pretrained
+
+    from .engine import Engine
+    from .fim import fim_prompt, fim_stop_ids
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mdir = resolve_model_dir(args.model)
+    tok = resolve_tokenizer(args.tokenizer, mdir)
+    model = load_pretrained(mdir, dtype=DTYPES[args.dtype])
+    if cmd == "generate":
+        text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+        ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(text, allow_special=False)
+        stop_ids = tuple(i for i in (tok.eot_id, tok.eos_id) if i is not None)
+        if not ids:
+            raise CliError("the prompt is empty (and --no-bos was given)")
+    else:
+        ids = fim_prompt(tok, args.prefix, args.suffix)
+        stop_ids = fim_stop_ids(tok)
+    from .api import make_params
+
+    try:
+        params = make_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             list(stop_ids) + list(args.stop), min_p=args.min_p,
+                             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty)
+    except ValueError as e:
+        raise CliError(str(e).replace("SamplingParams.", "--").replace("_", "-")) from None
+    eng = Engine(model, compile=args.compile)
+    gen = eng.stream([ids], params, speculative=args.speculative, draft_tokens=args.draft_tokens,
+                     detokenize=tok.decode)
+    out = TextStream(tok)
+    t0 = time.perf_counter()
+    for d in gen:
+        out.push(d.tokens)
+    wall = time.perf_counter() - t0
+    r, s = gen.results[0], gen.stats
+    out.finish(drop_last=r.finish_reason == "stop" and bool(r.tokens) and r.tokens[-1] in stop_ids)
+    line = (f"[{s.new_tokens} tokens in {wall:.2f}s: {s.tokens_per_s:.1f} tok/s decode, prefill "
+            f"{s.prompt_tokens / max(s.prefill_s, 1e-9):.0f} tok/s, finish: {r.finish_reason}")
+    if s.speculative:
+        line += (f"; speculative k={s.draft_tokens}: acceptance {s.acceptance:.2f} ({s.accepted}/{s.drafted}), "
+                 f"{s.mean_accepted_length:.2f} tokens per trunk pass")
+    elif s.notice:
+        line += f"; {s.notice}"
+    print(line + "]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("generate", "complete"):
+        print("usage: mellum2.infer.cli {generate,complete} [options]  (got "
+              f"{argv[0] if argv else 'nothing'!r})", file=sys.stderr)
+        return 2
+    cmd = argv[0]
+    args = build_parser(cmd).parse_args(argv[1:])
+    try:
+        return run(cmd, args)
+    except (CliError, ValueError, OSError) as e:
+        print(f"mellum2 {cmd}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

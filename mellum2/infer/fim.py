@@ -1,0 +1,117 @@
+"""Fill-in-the-middle completion, and the speculative completion `make demo` ends with.
+
+The prompt is the PSM arrangement the data pipeline trains on (mellum2/data/fim.py, docs/data.md):
+
+    <|endoftext|> <fim_prefix> prefix <fim_suffix> suffix <fim_middle>   -> the model writes the middle
+
+A trained piece ends its document with `<|endoftext|>` right after the middle, so that token ends the
+completion; `<filename>` (Mellum's FIM stop string), the eos and the other FIM sentinels also stop it
+(a model that emits them has left the middle). The stop token is not part of the returned text.
+Text is encoded with `allow_special=False` when the tokenizer supports it, so code that contains
+`<fim_middle>` literally cannot inject a sentinel.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .api import as_model, make_params
+from .engine import Stats, engine_for
+
+DEMO_PROMPTS = (
+    "def fibonacci(n):\n",
+    ("def is_palindrome(s):\n    ", "\n    return s == s[::-1]\n"),
+    "import os\n\n\ndef list_python_files(root):\n",
+    ("class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        ",
+     "\n\n    def pop(self):\n        return self.items.pop()\n"),
+)
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int] = field(default_factory=list)  # new ids, without the stop token
+    finish_reason: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    try:
+        return list(tokenizer.encode(text, allow_special=False))
+    except TypeError:  # a tokenizer without the flag
+        return list(tokenizer.encode(text))
+
+
+def fim_stop_ids(tokenizer) -> tuple[int, ...]:
+    names = ("eot_id", "eos_id", "file_sep_id", "fim_prefix_id", "fim_middle_id", "fim_suffix_id", "fim_pad_id")
+    return tuple(sorted({int(getattr(tokenizer, n)) for n in names if getattr(tokenizer, n, None) is not None}))
+
+
+def fim_prompt(tokenizer, prefix: str, suffix: str, bos: bool = True) -> list[int]:
+    """PSM: [<|endoftext|>] <fim_prefix> prefix <fim_suffix> suffix <fim_middle>."""
+    for n in ("fim_prefix_id", "fim_suffix_id", "fim_middle_id"):
+        if getattr(tokenizer, n, None) is None:
+            raise ValueError(f"fim_prompt: the tokenizer has no {n} (a FIM tokenizer is needed)")
+    head = [tokenizer.bos_id] if bos and getattr(tokenizer, "bos_id", None) is not None else []
+    return (head + [tokenizer.fim_prefix_id] + _encode(tokenizer, prefix) + [tokenizer.fim_suffix_id]
+            + _encode(tokenizer, suffix) + [tokenizer.fim_middle_id])
+
+
+def _finish(res, tokenizer, stop_ids) -> Completion:
+    toks = res.tokens[:-1] if res.tokens and res.finish_reason == "stop" and res.tokens[-1] in stop_ids else res.tokens
+    return Completion(tokenizer.decode(toks), list(toks), res.finish_reason, res.stats)
+
+
+def complete(model, tokenizer, prefix: str, suffix: str = "", max_new_tokens: int = 128,
+             speculative: bool = False, draft_tokens: int = 1, **sampling) -> Completion:
+    """The middle between `prefix` and `suffix` (greedy unless sampling options are given)."""
+    m = as_model(model)
+    stop = fim_stop_ids(tokenizer)
+    params = make_params(max_new_tokens, stop=list(stop), **sampling)
+    res = engine_for(m).generate([fim_prompt(tokenizer, prefix, suffix)], params, speculative, draft_tokens)[0]
+    return _finish(res, tokenizer, stop)
+
+
+def continue_text(model, tokenizer, text: str, max_new_tokens: int = 128, speculative: bool = False,
+                  draft_tokens: int = 1, **sampling) -> Completion:
+    """Left-to-right completion of `text` (after the bos), stopping at the end of the document."""
+    m = as_model(model)
+    stop = tuple(i for i in (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "eos_id", None)) if i is not None)
+    params = make_params(max_new_tokens, stop=list(stop), **sampling)
+    prompt = [tokenizer.bos_id] + _encode(tokenizer, text)
+    res = engine_for(m).generate([prompt], params, speculative, draft_tokens)[0]
+    return _finish(res, tokenizer, stop)
+
+
+def demo_completion(model_dir_or_model, tokenizer, prompts=DEMO_PROMPTS, max_new_tokens: int = 64,
+                    draft_tokens: int = 1, say=print) -> dict:
+    """Complete each prompt (a string: left to right; a (prefix, suffix) pair: FIM) greedily, plainly and
+    with MTP speculation; print the completions, the acceptance and the speed-up. Returns the figures.
+    Speculative greedy output is identical to plain greedy; that is checked here too."""
+    m = as_model(model_dir_or_model)
+    engine_for(m)  # prepare the fast path before timing
+    totals = {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "identical": True}
+    for p in prompts:
+        run = (lambda **kw: complete(m, tokenizer, p[0], p[1], max_new_tokens, **kw)) if isinstance(p, tuple) \
+            else (lambda **kw: continue_text(m, tokenizer, p, max_new_tokens, **kw))
+        t0 = time.perf_counter()
+        plain = run()
+        t1 = time.perf_counter()
+        spec = run(speculative=True, draft_tokens=draft_tokens)
+        t2 = time.perf_counter()
+        totals["plain_s"] += t1 - t0
+        totals["spec_s"] += t2 - t1
+        totals["tokens"] += len(spec.tokens)
+        totals["drafted"] += spec.stats.drafted
+        totals["accepted"] += spec.stats.accepted
+        totals["identical"] &= plain.tokens == spec.tokens
+        shown = f"{p[0]}<FILL>{p[1]}" if isinstance(p, tuple) else p
+        say(f"--- prompt\n{shown}\n--- completion (MTP speculative, greedy)\n{spec.text}\n")
+    if spec.stats.notice:
+        say(f"note: {spec.stats.notice}")
+    acc = totals["accepted"] / totals["drafted"] if totals["drafted"] else 0.0
+    totals.update(acceptance=acc, speedup=totals["plain_s"] / totals["spec_s"] if totals["spec_s"] else 0.0)
+    say(f"speculative decoding: acceptance {acc:.2f} ({totals['accepted']}/{totals['drafted']} drafts), "
+        f"{totals['tokens']} tokens, {totals['speedup']:.2f}x the plain greedy time, output identical to "
+        f"plain greedy: {totals['identical']}")
+    return totals
