@@ -95,8 +95,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
 class TextStream:
     """Incremental detokenisation: print only text that can no longer change."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):
+        self.tok, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], 0
 
     def push(self, ids: list[int]) -> None:
         self.ids += ids

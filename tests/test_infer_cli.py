@@ -1,0 +1,94 @@
+"""`mellum2 generate` / `mellum2 complete`: the streamed text is the greedy decode, the last line
+gives tokens/s (and acceptance); bad input is named."""
+import pytest
+import torch
+
+from mellum2 import Mellum2, ModelConfig
+from mellum2.infer import cli
+from mellum2.tokenizer.bpe import train_bpe
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
+         "class Foo:\n    pass\n", "import os\nimport sys\n"] * 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "model"
+    tok = train_bpe(TEXTS, 320)
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset("test-small", vocab_size=320)).eval()
+    m.save_pretrained(d)
+    tok.save(d)
+    return d, m, tok
+
+
+def greedy(m, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(m(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_generate_streams_the_greedy_text(ckpt, capsys, spec):
+    d, m, tok = ckpt
+    argv = ["generate", "--model", str(d), "--prompt", "def add", "--max-new-tokens", "12"]
+    assert cli.main(argv + (["--speculative"] if spec else [])) == 0
+    out, err = capsys.readouterr()
+    prompt = [tok.bos_id] + tok.encode("def add", allow_special=False)
+    new = greedy(m, prompt, 12)[len(prompt):]
+    stops = {tok.eot_id, tok.eos_id}
+    if any(t in stops for t in new):
+        new = new[:next(i for i, t in enumerate(new) if t in stops)]
+    assert out == tok.decode(new) + "\n"
+    assert "tok/s" in err and (("acceptance" in err) == spec)
+
+
+def test_complete_runs_fim(ckpt, capsys):
+    d, _, _ = ckpt
+    assert cli.main(["complete", "--model", str(d), "--prefix", "def add(a, b):\n    ", "--suffix", "\n",
+                     "--max-new-tokens", "6", "--temperature", "0.7", "--seed", "1"]) == 0
+    assert "tok/s" in capsys.readouterr().err
+
+
+def test_run_directory_is_resolved(ckpt, tmp_path):
+    d, _, _ = ckpt
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000010" / "model").symlink_to(d)
+    assert cli.resolve_model_dir(str(run)) == run / "checkpoints" / "step_00000010" / "model"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "no config.json"),
+    (["generate", "--prompt", "x", "--top-p", "2"], "--top-p"),
+    (["complete", "--prefix", "x", "--temperature", "-1"], "--temperature"),
+])
+def test_errors_are_named(ckpt, capsys, argv, msg):
+    d, _, _ = ckpt
+    if "--model" not in argv:
+        argv = argv[:1] + ["--model", str(d)] + argv[1:]
+    assert cli.main(argv) == 1
+    assert msg in capsys.readouterr().err
+
+
+def test_missing_tokenizer(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    Mellum2(ModelConfig.from_preset("test-small")).save_pretrained(tmp_path / "m")
+    import mellum2.data
+    monkeypatch.setattr(mellum2.data, "default_data_dir", lambda: tmp_path / "nothing")
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x"]) == 1
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_unknown_subcommand(capsys):
+    assert cli.main(["frobnicate"]) == 2
