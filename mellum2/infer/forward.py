@@ -59,26 +59,32 @@ class Reference:
 
 
 class _Layer:
-    """One decoder layer's tensors, prepared for the fast path."""
+    """One decoder layer's tensors, prepared for the fast path: matmul weights as [in, out] views
+    (torch.mm without a transpose op per call), q/k/v fused with the input norm's weight folded in
+    (rms_norm(x) * w @ W^T == rms_norm(x) @ (W * w)^T), per-expert views listed once."""
 
     def __init__(self, layer, cfg):
         a = layer.self_attn
         self.idx = a.layer_idx
         self.type = layer.layer_type
-        self.w_in, self.w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        self.w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        w_in = layer.input_layernorm.weight
+        self.w_qkvT = (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * w_in).detach().t()
         H, G, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # q-norm and k-norm weights side by side: one rms_norm over the H+G heads of a token
         self.w_qk = torch.cat([a.q_norm.weight.expand(H, d), a.k_norm.weight.expand(G, d)]).detach()
-        self.w_o = a.o_proj.weight
+        self.w_oT = a.o_proj.weight.detach().t()
+        self.w_post = layer.post_attention_layernorm.weight.detach()
         self.moe = isinstance(layer.mlp, MoE)
         m = layer.mlp
         if self.moe:
-            self.w_router = m.gate.weight
+            self.w_routerT = m.gate.weight.detach().float().t()  # router in fp32 (precision policy)
             self.gate, self.up, self.down = m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj
             self.experts = m.experts
+            self.gT = [w.detach().t() for w in self.gate.unbind(0)]
+            self.uT = [w.detach().t() for w in self.up.unbind(0)]
+            self.dT = [w.detach().t() for w in self.down.unbind(0)]
         else:
-            self.gate, self.up, self.down = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+            self.gT, self.uT, self.dT = (w.weight.detach().t() for w in (m.gate_proj, m.up_proj, m.down_proj))
 
 
 class Fast:
@@ -92,6 +98,14 @@ class Fast:
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.refresh()
 
+    def _rms(self, x, w=None):
+        """RMSNorm over the last dim in 3-4 dispatches (F.rms_norm is a 5-op composite on the CPU):
+        x * rsqrt(||x||^2 / D + eps), statistics in fp32 like the model's RMSNorm."""
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        r = torch.addcmul(self._eps_t, n, n, value=1.0 / x.shape[-1]).rsqrt_()
+        y = x * (r if x.dtype == torch.float32 else r.to(x.dtype))
+        return y if w is None else y.mul_(w)
+
     def refresh(self) -> None:
         """Re-read the model's weights (the fused q/k/v copies go stale when training changes them)."""
         m = self.model
@@ -99,6 +113,8 @@ class Fast:
             self.layers = [_Layer(layer, self.cfg) for layer in m.model.layers]
             self.mtp_layer = _Layer(m.mtp.layers[0], self.cfg) if m.mtp is not None else None
         self.dtype = m.lm_head.weight.dtype
+        self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=m.lm_head.weight.device)
+        self._rope = {}
 
     # ------------------------------------------------------------------ rope table
     def _cos_sin(self, pos_BT, layer_type, capacity):
@@ -115,51 +131,48 @@ class Fast:
         p = pos_BT.reshape(-1)
         return tab[0].index_select(0, p).view(B, T, 1, -1), tab[1].index_select(0, p).view(B, T, 1, -1)
 
-    # ------------------------------------------------------------------ pieces
-    def _attn(self, L: _Layer, x_BTD, cs, cache: KVCache):
-        B, T, _ = x_BTD.shape
+    # ------------------------------------------------------------------ pieces (x_ND: N = B*T tokens)
+    def _attn(self, L: _Layer, x_ND, B, T, cs, cache: KVCache):
         cfg = self.cfg
         H, G, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv = F.linear(F.rms_norm(x_BTD, (x_BTD.shape[-1],), L.w_in, self.eps), L.w_qkv).view(B, T, H + 2 * G, d)
-        qk = F.rms_norm(qkv[:, :, : H + G], (d,), None, self.eps) * L.w_qk
+        qkv = torch.mm(self._rms(x_ND), L.w_qkvT).view(B, T, H + 2 * G, d)
+        qk = self._rms(qkv[:, :, : H + G], L.w_qk)
         cos, sin = cs[L.type]
         x1, x2 = qk.chunk(2, dim=-1)
-        qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin  # RoPE (rotate-half form, as the model)
+        qk = torch.addcmul(qk * cos, torch.cat((-x2, x1), dim=-1), sin)  # RoPE (rotate-half form, as the model)
         o_BHTd = cache.attend(L.idx, qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2),
                               qkv[:, :, H + G:].transpose(1, 2))
-        return x_BTD + F.linear(o_BHTd.transpose(1, 2).reshape(B, T, H * d), L.w_o)
+        return torch.addmm(x_ND, o_BHTd.transpose(1, 2).reshape(B * T, H * d), L.w_oT)  # + residual
 
-    def _mlp(self, L: _Layer, x_BTD):
-        B, T, D = x_BTD.shape
-        h_ND = F.rms_norm(x_BTD, (D,), L.w_post, self.eps).view(B * T, D)
+    def _mlp(self, L: _Layer, x_ND):
+        h_ND = self._rms(x_ND, L.w_post)
         if not L.moe:
-            y_ND = F.linear(F.silu(F.linear(h_ND, L.gate)) * F.linear(h_ND, L.up), L.down)
+            return torch.addmm(x_ND, F.silu(torch.mm(h_ND, L.gT)) * torch.mm(h_ND, L.uT), L.dT)
+        logits_NE = torch.mm(h_ND.float(), L.w_routerT)
+        if self.cfg.norm_topk_prob:  # renormalised top-k of a softmax = softmax of the top-k logits
+            top_NK, ids_NK = logits_NE.topk(self.cfg.num_experts_per_tok, dim=-1)
+            w_NK = top_NK.softmax(-1)
         else:
-            logits_NE = F.linear(h_ND.float(), L.w_router.float())
-            if self.cfg.norm_topk_prob:  # renormalised top-k of a softmax = softmax of the top-k logits
-                top_NK, ids_NK = logits_NE.topk(self.cfg.num_experts_per_tok, dim=-1)
-                w_NK = top_NK.softmax(-1)
-            else:
-                w_NK, ids_NK = logits_NE.softmax(-1).topk(self.cfg.num_experts_per_tok, dim=-1)
-            impl = self.moe_impl
-            if impl == "auto":
-                impl = ("host" if h_ND.device.type == "cpu" else "gather") if B * T <= 2 else "grouped"
-            if impl == "host":
-                y_ND = moe_host(L, h_ND, ids_NK, w_NK)
-            elif impl == "gather":
-                y_ND = moe_gather(L, h_ND, ids_NK, w_NK)
-            else:
-                y_ND = L.experts(h_ND, ids_NK, w_NK)
-        return x_BTD + y_ND.view(B, T, D)
+            w_NK, ids_NK = logits_NE.softmax(-1).topk(self.cfg.num_experts_per_tok, dim=-1)
+        N = x_ND.shape[0]
+        impl = self.moe_impl
+        if impl == "auto":
+            impl = ("host" if x_ND.device.type == "cpu" else "gather") if N <= 4 else "grouped"
+        if impl == "host":
+            return moe_host(L, h_ND, ids_NK, w_NK, x_ND)
+        if impl == "gather":
+            return x_ND + moe_gather(L, h_ND, ids_NK, w_NK)
+        return x_ND + L.experts(h_ND, ids_NK, w_NK)
 
     # ------------------------------------------------------------------ the three calls
     def trunk(self, ids_BT, pos_BT, cache: KVCache, valid_BT=None, hi=None):
         cache.begin(pos_BT, valid_BT, hi)
-        x = F.embedding(ids_BT, self.model.model.embed_tokens.weight)
+        B, T = ids_BT.shape
+        x = F.embedding(ids_BT.reshape(-1), self.model.model.embed_tokens.weight)
         cs = {t: self._cos_sin(pos_BT, t, cache.capacity) for t in set(self.cfg.layer_types)}
         for L in self.layers:
-            x = self._mlp(L, self._attn(L, x, cs, cache))
-        return x
+            x = self._mlp(L, self._attn(L, x, B, T, cs, cache))
+        return x.view(B, T, -1)
 
     def head(self, h_BTD):
         m = self.model
@@ -173,29 +186,28 @@ class Fast:
         g = F.rms_norm(h_BTD, (D,), mt.pre_fc_norm_hidden.weight, self.eps)
         z = F.linear(torch.cat([e, g.to(e.dtype)], -1), mt.fc.weight)
         L = self.mtp_layer
-        return self._mlp(L, self._attn(L, z, {L.type: self._cos_sin(pos_BT, L.type, cache.capacity)}, cache))
+        B, T = next_ids_BT.shape
+        cs = {L.type: self._cos_sin(pos_BT, L.type, cache.capacity)}
+        return self._mlp(L, self._attn(L, z.view(B * T, -1), B, T, cs, cache)).view(B, T, -1)
 
     def mtp_head(self, y_BTD):
         m = self.model
         return F.linear(F.rms_norm(y_BTD, (y_BTD.shape[-1],), m.mtp.norm.weight, self.eps), m.lm_head.weight).float()
 
 
-def moe_host(L: _Layer, h_ND, ids_NK, w_NK):
-    """SwiGLU experts for a token or two on the CPU: the chosen expert ids go to the host (free on a
-    CPU, where ops are synchronous anyway) and each chosen expert runs as plain matmuls on views of
-    its weights: no sort, no counts, no copy of weights."""
-    N, K = ids_NK.shape
-    ids = ids_NK.tolist()
+def moe_host(L: _Layer, h_ND, ids_NK, w_NK, res_ND):
+    """res + SwiGLU experts, for a few tokens on the CPU: the chosen expert ids and weights go to the
+    host (free on a CPU, where ops are synchronous anyway) and each chosen expert runs as plain
+    matmuls on views of its weights: no sort, no counts, no weight copies, 6 ops per (token, expert)."""
+    ids, ws = ids_NK.tolist(), w_NK.tolist()
     out = []
-    for n in range(N):
-        x_1D = h_ND[n:n + 1]
-        y = None
-        for j, e in enumerate(ids[n]):
-            h = F.silu(F.linear(x_1D, L.gate[e])) * F.linear(x_1D, L.up[e])
-            y_e = F.linear(h * w_NK[n, j].to(h.dtype), L.down[e])
-            y = y_e if y is None else y + y_e
+    for n in range(len(ids)):
+        x_1D, y = h_ND[n:n + 1], res_ND[n:n + 1]
+        for e, w in zip(ids[n], ws[n]):
+            a = F.silu(torch.mm(x_1D, L.gT[e])).mul_(torch.mm(x_1D, L.uT[e])).mul_(w)
+            y = torch.addmm(y, a, L.dT[e])
         out.append(y)
-    return out[0] if N == 1 else torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def moe_gather(L: _Layer, h_ND, ids_NK, w_NK):

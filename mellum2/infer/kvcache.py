@@ -53,6 +53,9 @@ class KVCache:
         self.v = [torch.zeros_like(k) for k in self.k]
         self.ring_pos_BR = torch.full((batch, max(self.ring, 1)), -1, dtype=torch.long, device=device)
         self.slots_S = torch.arange(capacity, device=device)
+        self._zero = torch.zeros((), dtype=dtype, device=device)
+        self._ninf = torch.full((), float("-inf"), dtype=dtype, device=device)
+        self._empty = True  # the rings hold nothing yet (host-side: a prefill then skips them)
         self._step = None
 
     # ------------------------------------------------------------------ accounting
@@ -62,6 +65,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.ring_pos_BR.fill_(-1)  # full layers need no reset: causality hides unwritten slots
+        self._empty = True
 
     # ------------------------------------------------------------------ a step
     def begin(self, pos_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, hi: int | None = None,
@@ -82,25 +86,30 @@ class KVCache:
         s.hi = self.capacity if hi is None else max(1, min(hi, self.capacity))
         q_BT1 = pos_BT[:, :, None]
         # full layers: slot = position; a query sees every slot at or before its position
-        s.full_idx = pos_BT
+        s.full_idx = _expand_idx(pos_BT, self.k[0].shape)
         dist_BTS = q_BT1 - self.slots_S[None, None, : s.hi]
-        s.full_mask = (dist_BTS >= 0)[:, None]  # [B, 1, T, S]
+        s.full_mask = self._additive((dist_BTS >= 0)[:, None])  # [B, 1, T, S]
         # a sliding layer whose window covers the whole capacity lives in a full buffer, plus a window
-        s.win_mask = ((dist_BTS >= 0) & (dist_BTS < self.window))[:, None] if self.window else None
+        s.win_mask = self._additive(((dist_BTS >= 0) & (dist_BTS < self.window))[:, None]) if self.window else None
         if ring and self.ring and any(self.is_ring):
             R, W = self.ring, self.window
             s.overflow = T > R - W + 1
+            s.fresh = self._empty  # nothing in the rings yet: a prefill attends within its chunk only
+            self._empty = False
             if not s.overflow:
-                s.ring_idx = pos_BT % R
-                self.ring_pos_BR.scatter_(1, s.ring_idx, pos_BT)
+                ring_BT = pos_BT % R
+                s.ring_idx = _expand_idx(ring_BT, self.k[0].shape)
+                self.ring_pos_BR.scatter_(1, ring_BT, pos_BT)
                 kp_B1R = self.ring_pos_BR[:, None, :]
-                s.ring_mask = ((kp_B1R >= 0) & (kp_B1R <= q_BT1) & (q_BT1 - kp_B1R < W))[:, None]
+                s.ring_mask = self._additive(((kp_B1R >= 0) & (kp_B1R <= q_BT1) & (q_BT1 - kp_B1R < W))[:, None])
             else:
-                kp_BK = torch.cat([self.ring_pos_BR, pos_BT], dim=1)  # old ring keys, then the chunk's
+                kp_BK = pos_BT if s.fresh else torch.cat([self.ring_pos_BR, pos_BT], dim=1)  # old keys, then the chunk's
                 kp_B1K = kp_BK[:, None, :]
-                # old entries at or after the chunk's start are stale (rejected speculative tokens)
-                fresh_BK = torch.cat([self.ring_pos_BR < pos_BT[:, :1], torch.ones_like(pos_BT, dtype=torch.bool)], 1)
-                s.ring_mask = ((kp_B1K >= 0) & (kp_B1K <= q_BT1) & (q_BT1 - kp_B1K < W) & fresh_BK[:, None])[:, None]
+                m = (kp_B1K >= 0) & (kp_B1K <= q_BT1) & (q_BT1 - kp_B1K < W)
+                if not s.fresh:  # old entries at or after the chunk's start are stale (rejected drafts)
+                    m = m & torch.cat([self.ring_pos_BR < pos_BT[:, :1], torch.ones_like(pos_BT, dtype=torch.bool)],
+                                      1)[:, None]
+                s.ring_mask = self._additive(m[:, None])
                 # keep per row the last R real positions of the chunk (boolean indexing: prefill only)
                 valid = torch.ones_like(pos_BT, dtype=torch.bool) if valid_BT is None else valid_BT
                 end_B1 = torch.where(valid, pos_BT + 1, 0).amax(1, keepdim=True)
@@ -109,6 +118,10 @@ class KVCache:
                 s.keep_slots = pos_BT[s.keep_rows, s.keep_t] % R
                 self.ring_pos_BR[s.keep_rows, s.keep_slots] = pos_BT[s.keep_rows, s.keep_t]
         self._step = s
+
+    def _additive(self, mask_bool):
+        """0 where attended, -inf elsewhere, in the attention dtype (SDPA then skips its own conversion)."""
+        return torch.where(mask_bool, self._zero, self._ninf)
 
     def attend(self, layer_idx: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor):
         s = self._step
@@ -121,28 +134,35 @@ class KVCache:
         if not s.overflow:
             write(K, V, s.ring_idx, k_BGTd, v_BGTd)
             return sdpa(q_BHTd, K, V, s.ring_mask)
-        o = sdpa(q_BHTd, torch.cat([K, k_BGTd.to(K.dtype)], 2), torch.cat([V, v_BGTd.to(V.dtype)], 2), s.ring_mask)
-        K[s.keep_rows, :, s.keep_slots] = k_BGTd[s.keep_rows, :, s.keep_t].to(K.dtype)
-        V[s.keep_rows, :, s.keep_slots] = v_BGTd[s.keep_rows, :, s.keep_t].to(V.dtype)
+        k, v = k_BGTd.to(K.dtype), v_BGTd.to(V.dtype)
+        o = sdpa(q_BHTd, k, v, s.ring_mask) if s.fresh else \
+            sdpa(q_BHTd, torch.cat([K, k], 2), torch.cat([V, v], 2), s.ring_mask)
+        K[s.keep_rows, :, s.keep_slots] = k[s.keep_rows, :, s.keep_t]
+        V[s.keep_rows, :, s.keep_slots] = v[s.keep_rows, :, s.keep_t]
         return o
 
 
 class _Step:
     """What `begin` computed once for every layer of one forward pass."""
 
-    __slots__ = ("T", "hi", "full_idx", "full_mask", "win_mask", "overflow", "ring_idx", "ring_mask",
+    __slots__ = ("T", "hi", "full_idx", "full_mask", "win_mask", "overflow", "fresh", "ring_idx", "ring_mask",
                  "keep_rows", "keep_t", "keep_slots")
 
 
-def write(K_BGSd, V_BGSd, slot_BT, k_BGTd, v_BGTd) -> None:
+def _expand_idx(slot_BT, shape_BGSd):
+    """scatter_ index [B, G, T, d] (an expanded view) for writing T tokens per row at slot_BT."""
+    B, G, _, d = shape_BGSd
+    return slot_BT[:, None, :, None].expand(B, G, slot_BT.shape[1], d)
+
+
+def write(K_BGSd, V_BGSd, idx_BGTd, k_BGTd, v_BGTd) -> None:
     """Store k/v of T tokens at per-row slots, in place (one scatter per tensor, no host sync)."""
-    B, G, T, d = k_BGTd.shape
-    idx = slot_BT[:, None, :, None].expand(B, G, T, d)
+    idx = idx_BGTd
     K_BGSd.scatter_(2, idx, k_BGTd.to(K_BGSd.dtype))
     V_BGSd.scatter_(2, idx, v_BGTd.to(V_BGSd.dtype))
 
 
 def sdpa(q_BHTd, k_BGSd, v_BGSd, mask_B1TS):
-    """Attention of H query heads over G kv heads (GQA) with a boolean mask (True = attend)."""
+    """Attention of H query heads over G kv heads (GQA) with an additive mask (0 or -inf)."""
     return F.scaled_dot_product_attention(q_BHTd, k_BGSd.to(q_BHTd.dtype), v_BGSd.to(q_BHTd.dtype),
                                           attn_mask=mask_B1TS, enable_gqa=q_BHTd.shape[1] != k_BGSd.shape[1])

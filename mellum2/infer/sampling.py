@@ -110,6 +110,11 @@ class Sampler:
         if self.any_pres:
             self.out_BV = torch.zeros(B, vocab, dtype=torch.bool, device=device)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row greedy with no penalties: a token is an argmax of the raw logits."""
+        return self.all_greedy and not (self.any_rep or self.any_pres)
+
     # ------------------------------------------------------------------ penalty memory
     def observe(self, tok_BN: torch.Tensor, valid_BN: torch.Tensor | None = None) -> None:
         """Remember emitted tokens (valid_BN False: not emitted, e.g. rejected drafts)."""
@@ -208,7 +213,7 @@ class Sampler:
 
     def sample(self, logits_BNV: torch.Tensor) -> torch.Tensor:
         """Tokens [B, N] for plain decoding (greedy fast path: one argmax)."""
-        if self.all_greedy and not (self.any_rep or self.any_pres):
+        if self.plain_greedy:
             return logits_BNV.argmax(-1)
         return self.draw(self.probs(logits_BNV))
 

@@ -36,18 +36,23 @@ def gather_rows(x_BT_, idx_B):
 
 def draft(fwd, sampler: Sampler, cache: KVCache, y_BD, tok_B, n_B, k: int, hi: int):
     """k drafts from the MTP output y_BD at position n-1 (its draft predicts x_{n+1}); tok_B = x_n.
-    Returns drafts [B, k] and the draft distributions q [B, k, V] they were drawn from."""
+    Returns drafts [B, k] and the draft distributions q [B, k, V] they were drawn from (None when
+    every row is plain greedy: then a draft is an argmax and no distribution is materialised)."""
+    greedy = sampler.plain_greedy
     drafts, qs = [], []
     extra = tok_B[:, None][:, :0]
     for i in range(k):
         if i > 0:  # reuse the head: its own output stands in for the trunk state at position n+i-1
             y_BD = fwd.mtp(y_BD[:, None], drafts[-1][:, None], (n_B + i - 1)[:, None], cache, hi=hi)[:, 0]
-        q_BV = sampler.probs(fwd.mtp_head(y_BD[:, None]), extra)[:, 0]
-        d_B = sampler.draw(q_BV[:, None])[:, 0]
-        drafts.append(d_B)
+        logits_B1V = fwd.mtp_head(y_BD[:, None])
+        if greedy:
+            drafts.append(logits_B1V[:, 0].argmax(-1))
+            continue
+        q_BV = sampler.probs(logits_B1V, extra)[:, 0]
+        drafts.append(sampler.draw(q_BV[:, None])[:, 0])
         qs.append(q_BV)
         extra = torch.stack(drafts, 1)
-    return torch.stack(drafts, 1), torch.stack(qs, 1)
+    return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs else None)
 
 
 def verify(sampler: Sampler, logits_BTV, drafts_Bk, q_BkV):
@@ -55,8 +60,13 @@ def verify(sampler: Sampler, logits_BTV, drafts_Bk, q_BkV):
 
     Returns out_BT (the token at every position n+1..n+k+1 if accepted up to there: drafts, then the
     correction/bonus token; entries after it are that token repeated, unused), m_B (drafts accepted,
-    0..k) and the target distributions p [B, T, V]."""
+    0..k) and the target distributions p [B, T, V] (None on the plain greedy path)."""
     B, k = drafts_Bk.shape
+    j_T = torch.arange(k + 1, device=drafts_Bk.device)
+    if q_BkV is None:  # every row plain greedy: keep drafts while they equal the trunk's argmax
+        a_BT = logits_BTV.argmax(-1)
+        m_B = (drafts_Bk == a_BT[:, :k]).long().cumprod(1).sum(1)
+        return torch.where(j_T <= m_B[:, None], a_BT, gather_rows(a_BT, m_B)[:, None]), m_B, None
     p_BTV = sampler.probs(logits_BTV, drafts_Bk)
     pd_Bk = p_BTV[:, :k].gather(-1, drafts_Bk[..., None])[..., 0]
     qd_Bk = q_BkV.gather(-1, drafts_Bk[..., None])[..., 0]
@@ -69,7 +79,6 @@ def verify(sampler: Sampler, logits_BTV, drafts_Bk, q_BkV):
     mass = resid.sum(-1, keepdim=True)
     resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p_m)  # mass 0 only if p == q: never rejected
     t_B = sampler.draw(resid[:, None])[:, 0]
-    j_T = torch.arange(k + 1, device=drafts_Bk.device)
     drafts_pad = torch.cat([drafts_Bk, t_B[:, None]], 1)
     out_BT = torch.where(j_T < m_B[:, None], drafts_pad, t_B[:, None])
     return out_BT, m_B, p_BTV
