@@ -153,7 +153,7 @@ class Muon(torch.optim.Optimizer):
                 scale = update_scale(p.shape, group["adjust_lr_fn"])
                 if isinstance(lr, Tensor):
                     w.mul_(1 - lr * wd)
-                    w.sub_(o * (lr * scale))
+                    w.sub_(o.to(w.dtype) * (lr * scale).to(w.dtype))
                 else:
                     w.mul_(1 - lr * wd)
                     w.add_(o, alpha=-(lr * scale))

@@ -1,0 +1,103 @@
+"""Muon (mellum2/train/muon.py) against torch.optim.Muon, the 3-D expert path against per-expert
+Muon, and the optimiser split of a Mellum2 (mellum2/train/optim.py)."""
+import pytest
+import torch
+
+from mellum2 import Mellum2, ModelConfig
+from mellum2.train import Muon
+from mellum2.train.muon import update_scale, zeropower, zeropower_looped
+from mellum2.train.optim import build_optimizers, param_role
+
+
+def _run(opt_cls, p0, grads, **kw):
+    p = torch.nn.Parameter(p0.clone())
+    opt = opt_cls([p], **kw)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach(), opt
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48), (7, 130)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_2d_step_equals_torch_muon_bit_for_bit(shape, nesterov):
+    torch.manual_seed(0)
+    p0 = torch.randn(shape)
+    grads = [torch.randn(shape) for _ in range(4)]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    ours, o1 = _run(Muon, p0, grads, **kw)
+    ref, o2 = _run(torch.optim.Muon, p0, grads, **kw)
+    assert torch.equal(ours, ref)
+    assert torch.equal(o1.state[o1.param_groups[0]["params"][0]]["momentum_buffer"],
+                       o2.state[o2.param_groups[0]["params"][0]]["momentum_buffer"])
+    assert not torch.equal(ours, p0)
+
+
+def test_2d_default_scale_equals_torch():
+    torch.manual_seed(1)
+    p0, grads = torch.randn(40, 24), [torch.randn(40, 24) for _ in range(2)]
+    assert torch.equal(_run(Muon, p0, grads, lr=0.01)[0], _run(torch.optim.Muon, p0, grads, lr=0.01)[0])
+
+
+def test_3d_expert_step_equals_per_expert_torch_muon():
+    torch.manual_seed(2)
+    E, R, C = 5, 24, 40
+    p0 = torch.randn(E, R, C)
+    grads = [torch.randn(E, R, C) for _ in range(3)]
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ours, _ = _run(Muon, p0, grads, **kw)
+    for e in range(E):
+        ref, _ = _run(torch.optim.Muon, p0[e], [g[e] for g in grads], **kw)
+        assert torch.equal(ours[e], ref), f"expert {e}"
+
+
+def test_batched_newton_schulz_equals_loop_and_orthogonalises():
+    torch.manual_seed(3)
+    for shape in [(6, 16, 48), (6, 48, 16)]:
+        g = torch.randn(shape)
+        o = zeropower(g)
+        assert torch.equal(o, zeropower_looped(g))
+        s = torch.linalg.svdvals(o.float())
+        assert 0.5 < s.min() and s.max() < 1.3  # the quintic lands singular values in ~[0.7, 1.2]
+
+
+def test_update_scale_is_moonlight_per_matrix():
+    assert update_scale((16, 128, 256), "match_rms_adamw") == pytest.approx(0.2 * 16)
+    assert update_scale((256, 128), "match_rms_adamw") == pytest.approx(0.2 * 16)
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        update_scale((2, 2), "nope")
+
+
+def test_tensor_lr_matches_float_lr():
+    torch.manual_seed(4)
+    p0, grads = torch.randn(3, 16, 8), [torch.randn(3, 16, 8) for _ in range(2)]
+    a, _ = _run(Muon, p0, grads, lr=0.01, adjust_lr_fn="match_rms_adamw")
+    b, _ = _run(Muon, p0, grads, lr=torch.tensor(0.01), adjust_lr_fn="match_rms_adamw")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_rejects_vectors_and_bad_args():
+    with pytest.raises(ValueError, match="AdamW"):
+        Muon([torch.nn.Parameter(torch.zeros(4))])
+    with pytest.raises(ValueError, match="lr"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], lr=-1)
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="x")
+
+
+def test_optimiser_split_of_mellum2():
+    model = Mellum2(ModelConfig.from_preset("test-small"))
+    roles = {n: param_role(n, p) for n, p in model.named_parameters()}
+    assert roles["model.embed_tokens.weight"] == roles["lm_head.weight"] == "adamw_decay"
+    assert roles["model.layers.1.mlp.gate.weight"] == "adamw_nodecay"  # router
+    assert roles["model.layers.1.mlp.experts.gate_proj"] == "muon"
+    assert roles["model.layers.0.mlp.gate_proj.weight"] == "muon"  # dense layer
+    assert roles["model.layers.0.self_attn.q_proj.weight"] == "muon"
+    assert roles["model.layers.0.self_attn.q_norm.weight"] == "adamw_nodecay"
+    assert roles["mtp.fc.weight"] == "muon"
+    opts = build_optimizers(model, 1e-3)
+    n_opt = sum(p.numel() for o in opts.list for g in o.param_groups for p in g["params"])
+    assert n_opt == model.num_params("all")  # every parameter exactly once
+    assert all(p.ndim in (2, 3) for g in opts.muon.param_groups for p in g["params"])
+    opts.set_lr(0.5)
+    assert all(g["lr"] == 0.5 for o in opts.list for g in o.param_groups)
