@@ -139,3 +139,13 @@ def test_bad_input_is_named(model, prompts, params, kw, msg):
 def test_wrong_model_type():
     with pytest.raises(TypeError, match="Mellum2"):
         Engine(object())
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager(model):
+    """torch.compile of the static-cache decode step (on CUDA it is captured as a CUDA graph)."""
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    want = [r.tokens for r in Engine(model).generate(PROMPTS, params)]
+    eng = Engine(model, compile=True)
+    assert [r.tokens for r in eng.generate(PROMPTS, params)] == want
+    assert [r.tokens for r in eng.generate(PROMPTS, params)] == want  # the compiled step is reused

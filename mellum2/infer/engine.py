@@ -141,13 +141,17 @@ class Engine:
     """Batched, streaming generation over a Mellum2 model (see the module docstring).
 
     fast: the decode fast path (forward.Fast) instead of the model's own trunk code (Reference).
-    compile: torch.compile the plain decode step (static cache of the model's full context)."""
+    compile: torch.compile the plain decode step over a static cache of the model's full context
+    (on CUDA with mode="reduce-overhead", i.e. captured as a CUDA graph); the MoE then takes the
+    sync-free `gather` path. On this CPU the eager step is faster (docs/inference.md)."""
 
     def __init__(self, model: Mellum2, fast: bool = True, compile: bool = False, moe: str = "auto"):
         if not isinstance(model, Mellum2):
             raise TypeError(f"Engine: expected a mellum2 Mellum2 model, got {type(model).__name__}")
         self.model = model.eval()
         self.cfg = model.cfg
+        if compile and moe == "auto":
+            moe = "gather"  # the host path syncs (a graph break); gather is static and sync-free
         self.fwd = Fast(model, moe) if fast else Reference(model)
         self._versions = self._weight_versions()
         self.compile = compile
@@ -236,7 +240,8 @@ class Engine:
         if self._compiled is None:
             def step(ids, pos):
                 return fwd.head(fwd.trunk(ids, pos, cache))
-            self._compiled = torch.compile(step, dynamic=False, fullgraph=True)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled = torch.compile(step, dynamic=False, fullgraph=True, mode=mode)
         c = self._compiled
         return lambda ids, pos, hi: c(ids, pos)
 

@@ -157,7 +157,7 @@ class Fast:
         N = x_ND.shape[0]
         impl = self.moe_impl
         if impl == "auto":
-            impl = ("host" if x_ND.device.type == "cpu" else "gather") if N <= 4 else "grouped"
+            impl = ("host" if x_ND.device.type == "cpu" else "gather") if N <= 8 else "grouped"
         if impl == "host":
             return moe_host(L, h_ND, ids_NK, w_NK, x_ND)
         if impl == "gather":

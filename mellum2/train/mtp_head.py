@@ -142,6 +142,8 @@ def heldout_code_prompts(tokenizer, n: int = 16, prompt_tokens: int = 64, seed: 
                          root: str | None = None) -> list[list[int]]:
     """Prompts from Python files the embedded corpus never saw (site-packages), chosen by a stable
     hash: n files, each cut at a line start a third of the way in, prompt_tokens tokens ending there."""
+    if n <= 0:
+        return []
     base = Path(root or sysconfig.get_paths()["purelib"])
     files = sorted(p for p in base.rglob("*.py") if p.stat().st_size > 4000 and "test" not in p.name)
     key = lambda p: hashlib.sha1(f"{seed}:{p.relative_to(base)}".encode()).hexdigest()  # noqa: E731
