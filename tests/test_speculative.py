@@ -94,6 +94,32 @@ def test_speculative_stops_like_plain(trained):
             assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
 
 
+def test_rows_ending_inside_an_accepted_block(trained, monkeypatch):
+    """A row whose budget ends in the middle of an accepted block stops there, then stays frozen
+    (k+1 tokens verified per step past its end) while a slower row of the same budget goes on.
+    The slow row is made slow by rejecting all its drafts, which greedy decoding tolerates: the
+    correction token is then the trunk's argmax at the first position, the same token."""
+    import mellum2.infer.engine as engine_mod
+    from mellum2.infer.speculative import gather_rows, verify
+
+    def verify_row1_rejects(sampler, logits, drafts, q):
+        out, m, p = verify(sampler, logits, drafts, q)
+        m = m.clone()
+        m[1] = 0
+        a = logits.argmax(-1)
+        return torch.where(torch.arange(out.shape[1]) <= m[:, None], a, gather_rows(a, m)[:, None]), m, p
+
+    monkeypatch.setattr(engine_mod, "verify", verify_row1_rejects)
+    eng = Engine(trained)
+    prompts = markov_batch(2, 10, torch.Generator().manual_seed(4)).tolist()
+    for k in (2, 3):
+        params = SamplingParams(max_new_tokens=k + 3, ignore_eos=True)  # 1 + (k+1), then k+1 more: overshoot
+        want = [r.tokens for r in eng.generate(prompts, params)]
+        got = eng.generate(prompts, params, speculative=True, draft_tokens=k)
+        assert [r.tokens for r in got] == want
+        assert got[0].stats.steps == k + 2  # row 1 emits one token per step
+
+
 def test_no_mtp_head_generates_normally_with_a_notice(random_model):
     m = Mellum2(ModelConfig.from_preset("test-small", num_nextn_predict_layers=0)).eval()
     with pytest.warns(UserWarning, match="no MTP head"):

@@ -283,7 +283,9 @@ class Generation:
         k = self.k if self.speculative else 0
         lens = [len(p) for p in prompts]
         P = max(lens)
-        capacity = P + max(p.max_new_tokens for p in self.params) + k + 1
+        # a row that ends inside an accepted block has advanced up to k positions past its budget and
+        # keeps verifying k+1 tokens from there until the batch is done
+        capacity = P + max(p.max_new_tokens for p in self.params) + 2 * k + 1
         cache = eng._cache(B, capacity, k + 1, self.speculative)
         sampler = Sampler(self.params, eng.cfg.vocab_size, dev, prompts)
         if all(r.done for r in self.rows):
