@@ -92,3 +92,21 @@ def test_missing_tokenizer(tmp_path, capsys, monkeypatch):
 
 def test_unknown_subcommand(capsys):
     assert cli.main(["frobnicate"]) == 2
+
+
+def test_draft_vocab_file_is_used_and_checked(ckpt, capsys, tmp_path):
+    import shutil
+
+    d, _, _ = ckpt
+    d2 = tmp_path / "m"
+    shutil.copytree(d, d2)
+    argv = ["generate", "--model", str(d2), "--prompt", "def add", "--max-new-tokens", "8", "--speculative"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    (d2 / "draft_vocab.json").write_text('{"ids": [0, 1, 2, 3, 40, 41, 42]}')
+    assert cli.load_draft_vocab(d2) == [0, 1, 2, 3, 40, 41, 42]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == plain  # a draft vocabulary never changes the output
+    (d2 / "draft_vocab.json").write_text('{"nope": 1}')
+    assert cli.main(argv) == 1
+    assert "draft_vocab.json" in capsys.readouterr().err

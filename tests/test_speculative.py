@@ -81,6 +81,23 @@ def test_greedy_speculative_equals_plain_greedy(weights, k, trained, random_mode
         assert s.steps < 30  # fewer trunk passes than tokens
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_draft_vocabulary_keeps_greedy_output(trained, k):
+    eng = Engine(trained)
+    prompts = markov_batch(3, 10, torch.Generator().manual_seed(6)).tolist()
+    params = SamplingParams(max_new_tokens=25, ignore_eos=True)
+    want = [r.tokens for r in eng.generate(prompts, params)]
+    full = eng.generate(prompts, params, speculative=True, draft_tokens=k)[0].stats.acceptance
+    eng.set_draft_vocab(list(range(67)))  # every token of the toy language: acceptance unchanged
+    got = eng.generate(prompts, params, speculative=True, draft_tokens=k)
+    assert [r.tokens for r in got] == want and got[0].stats.acceptance == full
+    eng.set_draft_vocab(list(range(0, 67, 2)))  # half of them: fewer accepted, same output
+    got = eng.generate(prompts, params, speculative=True, draft_tokens=k)
+    assert [r.tokens for r in got] == want and got[0].stats.acceptance < full
+    with pytest.raises(ValueError, match="set_draft_vocab"):
+        eng.set_draft_vocab([5, 9999])
+
+
 def test_speculative_stops_like_plain(trained):
     eng = Engine(trained)
     prompt = markov_batch(1, 10, torch.Generator().manual_seed(2)).tolist()
@@ -185,6 +202,12 @@ def test_rejection_sampling_matches_plain_distribution(trained, monkeypatch):
     plain = eng.generate([prompt] * n, params)
     stat_p, _ = chi2_stat([r.tokens for r in plain], exact)
     assert stat_p < crit, (stat_p, crit)
+    # a draft vocabulary that lacks some likely tokens: q = 0 there, still exactly p
+    trimmed = Engine(m, draft_vocab=list(range(0, 50)))
+    spec_v = trimmed.generate([prompt] * n, params, speculative=True, draft_tokens=2)
+    stat_v, _ = chi2_stat([r.tokens for r in spec_v], exact)
+    assert stat_v < crit, (stat_v, crit)
+    assert spec_v[0].stats.acceptance < s.acceptance
     # negative control: accepting every draft (u = 0) is not lossless, and the test sees it
     monkeypatch.setattr(Sampler, "uniform", lambda self, shape: torch.zeros(shape))
     bad = eng.generate([prompt] * n, params, speculative=True, draft_tokens=2)

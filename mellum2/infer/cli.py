@@ -60,6 +60,20 @@ def resolve_tokenizer(arg: str | None, model_dir: Path):
                    f"pass --tokenizer DIR")
 
 
+def load_draft_vocab(model_dir: Path):
+    """The draft vocabulary `mellum2 train-mtp` stored next to the weights (draft_vocab.json), or None."""
+    import json
+
+    f = Path(model_dir) / "draft_vocab.json"
+    if not f.is_file():
+        return None
+    try:
+        ids = json.loads(f.read_text())["ids"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CliError(f"{f}: malformed draft vocabulary ({e}); expected {{\"ids\": [...]}}") from None
+    return ids
+
+
 def build_parser(cmd: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"mellum2 {cmd}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="generate text from a prompt" if cmd == "generate"
@@ -86,6 +100,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     a("--stop", action="append", default=[], help="stop string (repeatable)")
     a("--speculative", action="store_true", help="MTP self-speculative decoding")
     a("--draft-tokens", type=int, default=1, help="drafts per step with --speculative (the head reused)")
+    a("--full-draft-vocab", action="store_true", help="ignore the checkpoint's draft_vocab.json")
     a("--dtype", choices=sorted(DTYPES), default="fp32")
     a("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a("--compile", action="store_true", help="torch.compile the decode step (slow start)")
@@ -141,7 +156,8 @@ def run(cmd: str, args) -> int:
                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty)
     except ValueError as e:
         raise CliError(str(e).replace("SamplingParams.", "--").replace("_", "-")) from None
-    eng = Engine(model, compile=args.compile)
+    eng = Engine(model, compile=args.compile,
+                 draft_vocab=None if args.full_draft_vocab or model.mtp is None else load_draft_vocab(mdir))
     gen = eng.stream([ids], params, speculative=args.speculative, draft_tokens=args.draft_tokens,
                      detokenize=tok.decode)
     out = TextStream(tok)

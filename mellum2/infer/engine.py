@@ -145,7 +145,8 @@ class Engine:
     (on CUDA with mode="reduce-overhead", i.e. captured as a CUDA graph); the MoE then takes the
     sync-free `gather` path. On this CPU the eager step is faster (docs/inference.md)."""
 
-    def __init__(self, model: Mellum2, fast: bool = True, compile: bool = False, moe: str = "auto"):
+    def __init__(self, model: Mellum2, fast: bool = True, compile: bool = False, moe: str = "auto",
+                 draft_vocab=None):
         if not isinstance(model, Mellum2):
             raise TypeError(f"Engine: expected a mellum2 Mellum2 model, got {type(model).__name__}")
         self.model = model.eval()
@@ -153,6 +154,8 @@ class Engine:
         if compile and moe == "auto":
             moe = "gather"  # the host path syncs (a graph break); gather is static and sync-free
         self.fwd = Fast(model, moe) if fast else Reference(model)
+        if draft_vocab is not None:
+            self.set_draft_vocab(draft_vocab)
         self._versions = self._weight_versions()
         self.compile = compile
         self._compiled = None
@@ -175,6 +178,16 @@ class Engine:
         tensors: the fast path re-reads the weights when this key changes."""
         w = self.model.lm_head.weight
         return sum(p._version for p in self.model.parameters()), w.dtype, w.device, w.data_ptr()
+
+    def set_draft_vocab(self, ids) -> None:
+        """Speculative drafts only from these token ids (see forward.Fast.set_draft_vocab); None: all."""
+        if not isinstance(self.fwd, Fast):
+            raise ValueError("Engine.set_draft_vocab: needs the fast path (Engine(fast=True))")
+        if ids is not None:
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+                raise ValueError(f"Engine.set_draft_vocab: expected a non-empty list of ids in [0, {self.cfg.vocab_size})")
+        self.fwd.set_draft_vocab(ids)
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -323,7 +336,8 @@ class Generation:
             if not self.speculative:
                 logits_B1V = step(tok_B1, n_B[:, None], hi)
                 tok_B1 = sampler.sample(logits_B1V)
-                sampler.observe(tok_B1)
+                if sampler.penalties:
+                    sampler.observe(tok_B1)
                 n_B = n_B + active_B.long()
                 m_host = [0] * B
                 out_BT, logits_BTV = tok_B1, logits_B1V
@@ -334,8 +348,11 @@ class Generation:
                 logits_BTV = eng.fwd.head(h_BTD)
                 out_BT, m_B, _ = verify(sampler, logits_BTV, drafts_Bk, q_BkV)
                 m_host = m_B.tolist()
-                sampler.observe(out_BT, torch.arange(k + 1, device=dev) <= m_B[:, None])
-                y_BTD = eng.fwd.mtp(h_BTD, out_BT, pos_BT, cache, hi=hi)
+                if sampler.penalties:
+                    sampler.observe(out_BT, torch.arange(k + 1, device=dev) <= m_B[:, None])
+                # the MTP layer catches up over the positions some row kept (later ones are rewritten)
+                c = max(m_host) + 1
+                y_BTD = eng.fwd.mtp(h_BTD[:, :c], out_BT[:, :c], pos_BT[:, :c], cache, hi=hi)
                 tok_B1 = gather_rows(out_BT, m_B)[:, None]
                 n_B = n_B + (m_B + 1) * active_B.long()
                 drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, gather_rows(y_BTD, m_B), tok_B1[:, 0], n_B, k,

@@ -115,6 +115,7 @@ class Fast:
         self.dtype = m.lm_head.weight.dtype
         self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=m.lm_head.weight.device)
         self._rope = {}
+        self.set_draft_vocab(getattr(self, "draft_vocab", None))
 
     # ------------------------------------------------------------------ rope table
     def _cos_sin(self, pos_BT, layer_type, capacity):
@@ -190,9 +191,20 @@ class Fast:
         cs = {L.type: self._cos_sin(pos_BT, L.type, cache.capacity)}
         return self._mlp(L, self._attn(L, z.view(B * T, -1), B, T, cs, cache)).view(B, T, -1)
 
-    def mtp_head(self, y_BTD):
+    def mtp_head(self, y_BTD, draft: bool = False):
+        """The MTP head's logits; draft=True with a draft vocabulary set: over those ids only."""
         m = self.model
-        return F.linear(F.rms_norm(y_BTD, (y_BTD.shape[-1],), m.mtp.norm.weight, self.eps), m.lm_head.weight).float()
+        w = self.w_draft if draft and self.w_draft is not None else m.lm_head.weight
+        return torch.mm(self._rms(y_BTD.reshape(-1, y_BTD.shape[-1]), m.mtp.norm.weight), w.t()).float().view(
+            *y_BTD.shape[:-1], -1)
+
+    def set_draft_vocab(self, ids) -> None:
+        """Draft from these token ids only (FR-Spec, Zhao et al. 2025: the draft's LM head over the most
+        frequent tokens costs a fraction of the full one; verification stays exact, a draft simply
+        cannot propose a token outside the list). None: the full vocabulary."""
+        w = self.model.lm_head.weight
+        self.draft_vocab = None if ids is None else torch.as_tensor(ids, dtype=torch.long, device=w.device)
+        self.w_draft = None if ids is None else w.detach().index_select(0, self.draft_vocab)
 
 
 def moe_host(L: _Layer, h_ND, ids_NK, w_NK, res_ND):

@@ -111,6 +111,10 @@ class Sampler:
             self.out_BV = torch.zeros(B, vocab, dtype=torch.bool, device=device)
 
     @property
+    def penalties(self) -> bool:
+        return self.any_rep or self.any_pres
+
+    @property
     def plain_greedy(self) -> bool:
         """Every row greedy with no penalties: a token is an argmax of the raw logits."""
         return self.all_greedy and not (self.any_rep or self.any_pres)

@@ -37,17 +37,23 @@ def gather_rows(x_BT_, idx_B):
 def draft(fwd, sampler: Sampler, cache: KVCache, y_BD, tok_B, n_B, k: int, hi: int):
     """k drafts from the MTP output y_BD at position n-1 (its draft predicts x_{n+1}); tok_B = x_n.
     Returns drafts [B, k] and the draft distributions q [B, k, V] they were drawn from (None when
-    every row is plain greedy: then a draft is an argmax and no distribution is materialised)."""
+    every row is plain greedy: then a draft is an argmax and no distribution is materialised).
+    With a draft vocabulary (fwd.draft_vocab) the head scores only those ids; q is 0 elsewhere."""
     greedy = sampler.plain_greedy
+    vocab = getattr(fwd, "draft_vocab", None)
     drafts, qs = [], []
     extra = tok_B[:, None][:, :0]
     for i in range(k):
         if i > 0:  # reuse the head: its own output stands in for the trunk state at position n+i-1
             y_BD = fwd.mtp(y_BD[:, None], drafts[-1][:, None], (n_B + i - 1)[:, None], cache, hi=hi)[:, 0]
-        logits_B1V = fwd.mtp_head(y_BD[:, None])
+        logits_B1V = fwd.mtp_head(y_BD[:, None], draft=True) if vocab is not None else fwd.mtp_head(y_BD[:, None])
         if greedy:
-            drafts.append(logits_B1V[:, 0].argmax(-1))
+            d_B = logits_B1V[:, 0].argmax(-1)
+            drafts.append(d_B if vocab is None else vocab[d_B])
             continue
+        if vocab is not None:
+            full = logits_B1V.new_full((*logits_B1V.shape[:2], sampler.V), float("-inf"))
+            logits_B1V = full.scatter_(-1, vocab.expand(*logits_B1V.shape[:2], -1), logits_B1V)
         q_BV = sampler.probs(logits_B1V, extra)[:, 0]
         drafts.append(sampler.draw(q_BV[:, None])[:, 0])
         qs.append(q_BV)

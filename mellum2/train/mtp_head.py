@@ -46,6 +46,7 @@ from mellum2.model.mtp import MTP
 from mellum2.model.transformer import init_weights, load_balance_loss
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # read by mellum2.infer.cli.load_draft_vocab
 
 
 class TrainMTPError(Exception):
@@ -138,6 +139,28 @@ def self_batches(model: Mellum2, batches, prompt_len: int, seq_len: int, seed: i
         yield {"input_ids": ids, "labels": ids.clone(), "position_ids": None}
 
 
+def draft_vocab_from_data(data_dir, n: int) -> list[int]:
+    """The n most frequent token ids of a prepared data directory (all domains), special ids first:
+    the draft vocabulary of FR-Spec-style trimmed drafting (forward.Fast.set_draft_vocab)."""
+    import numpy as np
+
+    from mellum2.data.shards import ShardStore
+    from mellum2.data.sources import DOMAINS
+
+    store = ShardStore(data_dir)
+    counts = None
+    for d in DOMAINS:
+        for i in range(store.n_docs(d)):
+            c = np.bincount(np.asarray(store.doc(d, i), dtype=np.int64))
+            counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + \
+                np.pad(c, (0, max(0, len(counts) - len(c))))
+    if counts is None:
+        raise TrainMTPError(f"{data_dir}: no tokens to count for a draft vocabulary")
+    special = list(range(33))  # mellum2.tokenizer.special: ids 0..32
+    rest = [int(t) for t in np.argsort(-counts, kind="stable") if t >= 33]
+    return (special + rest)[:n]
+
+
 def heldout_code_prompts(tokenizer, n: int = 16, prompt_tokens: int = 64, seed: int = 0,
                          root: str | None = None) -> list[list[int]]:
     """Prompts from Python files the embedded corpus never saw (site-packages), chosen by a stable
@@ -214,7 +237,7 @@ def save_with_head(model: Mellum2, src: Path, out: Path, extra: dict[str, str] |
     try:
         model.save_pretrained(tmp / "ckpt")
         for f in src.iterdir():
-            if f.name not in WEIGHT_FILES and not f.name.startswith("model-") and f.name != "mtp_head.json":
+            if f.name not in WEIGHT_FILES and not f.name.startswith("model-") and f.name not in (extra or {}):
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / "ckpt" / f.name)
         for name, text in (extra or {}).items():
             (tmp / "ckpt" / name).write_text(text)
@@ -240,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, default=20)
     a("--reinit", action="store_true", help="start from a fresh head even if the checkpoint has one")
     a("--precision", choices=("bf16", "fp32"), default="bf16")
+    a("--draft-vocab", type=int, default=-1, help="also write draft_vocab.json with the N most frequent ids of the "
+      "data (FR-Spec-style cheap drafts); -1: vocab_size // 8, 0: none")
     a("--eval-prompts", type=int, default=16, help="held-out code prompts for the acceptance figure (0: skip)")
     a("--log-every", type=int, default=25)
     a("--seed", type=int, default=1)
@@ -290,7 +315,14 @@ def run(args) -> dict:
               f"(mean accepted length {after['mean_accepted_length']:.2f})")
     summary = {"model": str(src), "out": str(out), "args": vars(args), "had_head": had, "before": before,
                "after": after, "log": log}
-    save_with_head(model, src, out, {"mtp_head.json": json.dumps(summary, indent=1, default=str) + "\n"})
+    extra = {"mtp_head.json": json.dumps(summary, indent=1, default=str) + "\n"}
+    n_vocab = model.cfg.vocab_size // 8 if args.draft_vocab < 0 else args.draft_vocab
+    if n_vocab and args.data != "synthetic":
+        from mellum2.data import ensure_default_data
+
+        ids = draft_vocab_from_data(args.data or ensure_default_data(progress=False), n_vocab)
+        extra[DRAFT_VOCAB_FILE] = json.dumps({"ids": ids, "source": str(args.data or "default data")}) + "\n"
+    save_with_head(model, src, out, extra)
     print(f"saved {out}")
     return summary
 
