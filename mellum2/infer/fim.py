@@ -15,8 +15,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from .api import as_model, make_params
-from .engine import Stats, engine_for
+from .engine import Engine, Stats, engine_for
 
 DEMO_PROMPTS = (
     "def fibonacci(n):\n",
@@ -62,34 +64,43 @@ def _finish(res, tokenizer, stop_ids) -> Completion:
     return Completion(tokenizer.decode(toks), list(toks), res.finish_reason, res.stats)
 
 
+def _engine(model) -> Engine:
+    """An Engine as given, or the cached engine of a model / checkpoint directory."""
+    return model if isinstance(model, Engine) else engine_for(as_model(model))
+
+
 def complete(model, tokenizer, prefix: str, suffix: str = "", max_new_tokens: int = 128,
              speculative: bool = False, draft_tokens: int = 1, **sampling) -> Completion:
-    """The middle between `prefix` and `suffix` (greedy unless sampling options are given)."""
-    m = as_model(model)
+    """The middle between `prefix` and `suffix` (greedy unless sampling options are given).
+    `model`: a Mellum2, a checkpoint directory or an Engine."""
     stop = fim_stop_ids(tokenizer)
     params = make_params(max_new_tokens, stop=list(stop), **sampling)
-    res = engine_for(m).generate([fim_prompt(tokenizer, prefix, suffix)], params, speculative, draft_tokens)[0]
+    res = _engine(model).generate([fim_prompt(tokenizer, prefix, suffix)], params, speculative, draft_tokens)[0]
     return _finish(res, tokenizer, stop)
 
 
 def continue_text(model, tokenizer, text: str, max_new_tokens: int = 128, speculative: bool = False,
                   draft_tokens: int = 1, **sampling) -> Completion:
     """Left-to-right completion of `text` (after the bos), stopping at the end of the document."""
-    m = as_model(model)
     stop = tuple(i for i in (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "eos_id", None)) if i is not None)
     params = make_params(max_new_tokens, stop=list(stop), **sampling)
     prompt = [tokenizer.bos_id] + _encode(tokenizer, text)
-    res = engine_for(m).generate([prompt], params, speculative, draft_tokens)[0]
+    res = _engine(model).generate([prompt], params, speculative, draft_tokens)[0]
     return _finish(res, tokenizer, stop)
 
 
 def demo_completion(model_dir_or_model, tokenizer, prompts=DEMO_PROMPTS, max_new_tokens: int = 64,
-                    draft_tokens: int = 1, say=print) -> dict:
+                    draft_tokens: int = 1, draft_vocab=None, say=print) -> dict:
     """Complete each prompt (a string: left to right; a (prefix, suffix) pair: FIM) greedily, plainly and
     with MTP speculation; print the completions, the acceptance and the speed-up. Returns the figures.
-    Speculative greedy output is identical to plain greedy; that is checked here too."""
+    Speculative greedy output is identical to plain greedy; that is checked here too. A checkpoint
+    directory's draft_vocab.json (from `mellum2 train-mtp`) is used unless draft_vocab is given."""
     m = as_model(model_dir_or_model)
-    engine_for(m)  # prepare the fast path before timing
+    if draft_vocab is None and isinstance(model_dir_or_model, (str, Path)) and m.mtp is not None:
+        from .cli import load_draft_vocab
+
+        draft_vocab = load_draft_vocab(Path(model_dir_or_model))
+    m = Engine(m, draft_vocab=draft_vocab)  # its own engine: the cached one keeps the full vocabulary
     totals = {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "identical": True}
     for p in prompts:
         run = (lambda **kw: complete(m, tokenizer, p[0], p[1], max_new_tokens, **kw)) if isinstance(p, tuple) \
