@@ -113,6 +113,12 @@ class Fast:
             self.layers = [_Layer(layer, self.cfg) for layer in m.model.layers]
             self.mtp_layer = _Layer(m.mtp.layers[0], self.cfg) if m.mtp is not None else None
         self.dtype = m.lm_head.weight.dtype
+        self.w_headT = m.lm_head.weight.detach().t()
+        # layer types whose rotary tables are identical share one gathered cos/sin per step
+        tabs = m.rotary.tables
+        self._rope_of = {}
+        for lt in tabs:
+            self._rope_of[lt] = next(o for o in tabs if torch.equal(tabs[o][0], tabs[lt][0]) and tabs[o][1] == tabs[lt][1])
         self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=m.lm_head.weight.device)
         self._rope = {}
         self.set_draft_vocab(getattr(self, "draft_vocab", None))
@@ -170,21 +176,22 @@ class Fast:
         cache.begin(pos_BT, valid_BT, hi)
         B, T = ids_BT.shape
         x = F.embedding(ids_BT.reshape(-1), self.model.model.embed_tokens.weight)
-        cs = {t: self._cos_sin(pos_BT, t, cache.capacity) for t in set(self.cfg.layer_types)}
+        shared = {o: self._cos_sin(pos_BT, o, cache.capacity) for o in {self._rope_of[t] for t in self.cfg.layer_types}}
+        cs = {t: shared[self._rope_of[t]] for t in set(self.cfg.layer_types)}
         for L in self.layers:
             x = self._mlp(L, self._attn(L, x, B, T, cs, cache))
         return x.view(B, T, -1)
 
     def head(self, h_BTD):
         m = self.model
-        return F.linear(F.rms_norm(h_BTD, (h_BTD.shape[-1],), m.model.norm.weight, self.eps), m.lm_head.weight).float()
+        return torch.mm(self._rms(h_BTD.reshape(-1, h_BTD.shape[-1]), m.model.norm.weight), self.w_headT).float().view(
+            *h_BTD.shape[:-1], -1)
 
     def mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None):
         cache.begin(pos_BT, hi=hi, ring=False)
         m, mt, D = self.model, self.model.mtp, h_BTD.shape[-1]
-        e = F.rms_norm(F.embedding(next_ids_BT, m.model.embed_tokens.weight), (D,), mt.pre_fc_norm_embedding.weight,
-                       self.eps)
-        g = F.rms_norm(h_BTD, (D,), mt.pre_fc_norm_hidden.weight, self.eps)
+        e = self._rms(F.embedding(next_ids_BT, m.model.embed_tokens.weight), mt.pre_fc_norm_embedding.weight)
+        g = self._rms(h_BTD, mt.pre_fc_norm_hidden.weight)
         z = F.linear(torch.cat([e, g.to(e.dtype)], -1), mt.fc.weight)
         L = self.mtp_layer
         B, T = next_ids_BT.shape

@@ -9,7 +9,7 @@ Layout (gpt-fast style static cache): per layer one k and one v tensor [B, G, S,
 - sliding layers: S = R = min(capacity, W + step_tokens - 1), slot = position mod R. A step that
   writes `step_tokens` tokens before attending still finds the W keys its oldest query needs, and what
   it overwrites (positions <= p - W) no query needs again, even after speculative tokens are rejected.
-  `ring_pos_BR` records which position every slot holds (-1: empty).
+  `ring_pos_BR` records which position every slot holds (EMPTY: nothing yet).
 
 Per-row positions, not left padding: each row writes at its own positions, so prompts of different
 lengths need no padding mask at decode, rows may advance by different amounts (speculative decoding)
@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from mellum2.model.config import ModelConfig
 
 
+EMPTY = -(1 << 40)  # the position an empty ring slot holds: farther than any window from every query
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu",
                  step_tokens: int = 1, mtp: bool = False):
@@ -51,7 +54,8 @@ class KVCache:
         self.k = [torch.zeros(batch, G, self.ring if r else capacity, d, dtype=dtype, device=device)
                   for r in self.is_ring]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.ring_pos_BR = torch.full((batch, max(self.ring, 1)), -1, dtype=torch.long, device=device)
+        self.windowed_full = any(w is not None and not r for w, r in zip(self.wnd, self.is_ring))
+        self.ring_pos_BR = torch.full((batch, max(self.ring, 1)), EMPTY, dtype=torch.long, device=device)
         self.slots_S = torch.arange(capacity, device=device)
         self._zero = torch.zeros((), dtype=dtype, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=dtype, device=device)
@@ -64,7 +68,7 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def reset(self) -> None:
-        self.ring_pos_BR.fill_(-1)  # full layers need no reset: causality hides unwritten slots
+        self.ring_pos_BR.fill_(EMPTY)  # full layers need no reset: causality hides unwritten slots
         self._empty = True
 
     # ------------------------------------------------------------------ a step
@@ -90,7 +94,8 @@ class KVCache:
         dist_BTS = q_BT1 - self.slots_S[None, None, : s.hi]
         s.full_mask = self._additive((dist_BTS >= 0)[:, None])  # [B, 1, T, S]
         # a sliding layer whose window covers the whole capacity lives in a full buffer, plus a window
-        s.win_mask = self._additive(((dist_BTS >= 0) & (dist_BTS < self.window))[:, None]) if self.window else None
+        s.win_mask = self._additive(((dist_BTS >= 0) & (dist_BTS < self.window))[:, None]) \
+            if self.windowed_full else None
         if ring and self.ring and any(self.is_ring):
             R, W = self.ring, self.window
             s.overflow = T > R - W + 1
@@ -100,12 +105,12 @@ class KVCache:
                 ring_BT = pos_BT % R
                 s.ring_idx = _expand_idx(ring_BT, self.k[0].shape)
                 self.ring_pos_BR.scatter_(1, ring_BT, pos_BT)
-                kp_B1R = self.ring_pos_BR[:, None, :]
-                s.ring_mask = self._additive(((kp_B1R >= 0) & (kp_B1R <= q_BT1) & (q_BT1 - kp_B1R < W))[:, None])
+                d_BTR = q_BT1 - self.ring_pos_BR[:, None, :]  # empty slots hold a far-away position: d >= W
+                s.ring_mask = self._additive(((d_BTR >= 0) & (d_BTR < W))[:, None])
             else:
                 kp_BK = pos_BT if s.fresh else torch.cat([self.ring_pos_BR, pos_BT], dim=1)  # old keys, then the chunk's
-                kp_B1K = kp_BK[:, None, :]
-                m = (kp_B1K >= 0) & (kp_B1K <= q_BT1) & (q_BT1 - kp_B1K < W)
+                d_BTK = q_BT1 - kp_BK[:, None, :]
+                m = (d_BTK >= 0) & (d_BTK < W)
                 if not s.fresh:  # old entries at or after the chunk's start are stale (rejected drafts)
                     m = m & torch.cat([self.ring_pos_BR < pos_BT[:, :1], torch.ones_like(pos_BT, dtype=torch.bool)],
                                       1)[:, None]
