@@ -69,6 +69,22 @@ def test_only_the_head_changes(joint):
         [n for n, _ in m.named_parameters() if n.startswith("mtp.")]
 
 
+def test_cached_engine_sees_a_new_head(joint):
+    """generate() caches an engine per model; attaching a head later must reach it."""
+    import copy
+
+    from mellum2.infer import generate
+
+    m = copy.deepcopy(joint)
+    m.mtp = None
+    m.cfg = m.cfg.replace(num_nextn_predict_layers=0)
+    with pytest.warns(UserWarning, match="no MTP head"):
+        assert not generate(m, prompts()[0], 8, speculative=True, ignore_eos=True).stats.speculative
+    with_fresh_head(m)
+    r = generate(m, prompts()[0], 8, speculative=True, ignore_eos=True)
+    assert r.stats.speculative and r.stats.drafted > 0
+
+
 def test_fresh_head_keeps_the_trunk(joint):
     import copy
 

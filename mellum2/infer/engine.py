@@ -149,7 +149,7 @@ class Engine:
                  draft_vocab=None):
         if not isinstance(model, Mellum2):
             raise TypeError(f"Engine: expected a mellum2 Mellum2 model, got {type(model).__name__}")
-        self.model = model.eval()
+        self.model = model  # no train/eval switch: Mellum2 has no dropout, and RL callers keep their mode
         self.cfg = model.cfg
         if compile and moe == "auto":
             moe = "gather"  # the host path syncs (a graph break); gather is static and sync-free
@@ -177,7 +177,8 @@ class Engine:
         """In-place updates (optimizer steps, load_state_dict) bump tensor versions, `.to()` makes new
         tensors: the fast path re-reads the weights when this key changes."""
         w = self.model.lm_head.weight
-        return sum(p._version for p in self.model.parameters()), w.dtype, w.device, w.data_ptr()
+        ps = list(self.model.parameters())
+        return sum(p._version for p in ps), len(ps), id(self.model.mtp), w.dtype, w.device, w.data_ptr()
 
     def set_draft_vocab(self, ids) -> None:
         """Speculative drafts only from these token ids (see forward.Fast.set_draft_vocab); None: all."""
@@ -291,6 +292,7 @@ class Generation:
         eng, prompts = self.engine, self.prompts
         if eng._weight_versions() != eng._versions:
             eng.fwd.refresh()
+            eng.cfg = eng.model.cfg
             eng._versions = eng._weight_versions()
         dev, B = eng.device, len(prompts)
         k = self.k if self.speculative else 0

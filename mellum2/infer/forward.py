@@ -109,6 +109,7 @@ class Fast:
     def refresh(self) -> None:
         """Re-read the model's weights (the fused q/k/v copies go stale when training changes them)."""
         m = self.model
+        self.cfg = m.cfg
         with torch.no_grad():
             self.layers = [_Layer(layer, self.cfg) for layer in m.model.layers]
             self.mtp_layer = _Layer(m.mtp.layers[0], self.cfg) if m.mtp is not None else None
