@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mellum2 import Mellum2, ModelConfig, load_pretrained  # noqa: E402
-from mellum2.infer.cli import resolve_model_dir, resolve_tokenizer  # noqa: E402
+from mellum2.infer.cli import load_draft_vocab, resolve_model_dir, resolve_tokenizer  # noqa: E402
 from mellum2.infer.engine import Engine  # noqa: E402
 from mellum2.infer.sampling import SamplingParams  # noqa: E402
 
@@ -99,6 +99,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     p.add_argument("--spec-prompts", type=int, default=8, help="held-out code prompts for speculation")
     p.add_argument("--draft-tokens", default="1,2,3")
+    p.add_argument("--draft-vocab", type=int, default=1024,
+                   help="draft from the N most frequent ids (the checkpoint's draft_vocab.json if it has one, "
+                        "else counted on the default data); 0: the full vocabulary")
     p.add_argument("--no-hf", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -162,10 +165,22 @@ def main(argv=None):
         print(line, flush=True)
         if spec_prompts and m.mtp is not None:
             spec = {}
+            vocab = load_draft_vocab(mdir) if args.draft_vocab else None
+            if args.draft_vocab and vocab is None:
+                from mellum2.data import ensure_default_data
+                from mellum2.train.mtp_head import draft_vocab_from_data
+
+                vocab = draft_vocab_from_data(ensure_default_data(progress=False), args.draft_vocab)
+            trimmed = Engine(m, draft_vocab=vocab) if vocab is not None else eng
+            ks = [(k, trimmed) for k in map(int, args.draft_tokens.split(","))]
+            if vocab is not None:
+                ks.append(("1-fullvocab", eng))
+            res["draft_vocab"] = len(vocab) if vocab is not None else cfg.vocab_size
             for i, sp in enumerate(spec_prompts):
                 plain = best(lambda: ours_generate(eng, [sp], args.new_tokens), args.repeats)
-                for k in map(int, args.draft_tokens.split(",")):
-                    s = best(lambda: ours_generate(eng, [sp], args.new_tokens, speculative=True, draft_tokens=k),
+                for k, e in ks:
+                    kk = int(str(k).split("-")[0])
+                    s = best(lambda: ours_generate(e, [sp], args.new_tokens, speculative=True, draft_tokens=kk),
                              args.repeats)
                     d = spec.setdefault(k, {"plain_s": 0.0, "spec_s": 0.0, "acc": [], "len": [], "same": True})
                     d["plain_s"] += args.new_tokens / plain["tok_s"]
@@ -180,7 +195,9 @@ def main(argv=None):
                      "acceptance": round(sum(d["acc"]) / len(d["acc"]), 3),
                      "mean_accepted_length": round(sum(d["len"]) / len(d["len"]), 2), "identical": d["same"]}
                 res[f"{dname}_spec_k{k}"] = e
-                line = (f"{dname:5s} MTP speculative k={k} on held-out code, batch 1: {e['spec']:7.1f} tok/s vs plain "
+                nv = res["draft_vocab"] if k != "1-fullvocab" else cfg.vocab_size
+                line = (f"{dname:5s} MTP speculative k={k} (draft vocab {nv}) on held-out code, batch 1: "
+                        f"{e['spec']:7.1f} tok/s vs plain "
                         f"{e['plain']:7.1f} = {e['speedup']:.2f}x, acceptance {e['acceptance']:.2f}, "
                         f"{e['mean_accepted_length']:.2f} tokens/pass, identical to greedy: {e['identical']}")
                 rows.append(line)

@@ -187,11 +187,13 @@ class Engine:
         if ids is not None:
             ids = torch.as_tensor(ids, dtype=torch.long)
             if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
-                raise ValueError(f"Engine.set_draft_vocab: expected a non-empty list of ids in [0, {self.cfg.vocab_size})")
+                raise ValueError(f"Engine.set_draft_vocab: expected a non-empty list of ids in "
+                                 f"[0, {self.cfg.vocab_size})")
         self.fwd.set_draft_vocab(ids)
 
     # ------------------------------------------------------------------ public
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  speculative: bool = False, draft_tokens: int = 1, detokenize: Callable | None = None) -> list[Result]:
         run = self.stream(prompts, params, speculative, draft_tokens, detokenize)
         for _ in run:

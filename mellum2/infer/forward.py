@@ -119,7 +119,8 @@ class Fast:
         tabs = m.rotary.tables
         self._rope_of = {}
         for lt in tabs:
-            self._rope_of[lt] = next(o for o in tabs if torch.equal(tabs[o][0], tabs[lt][0]) and tabs[o][1] == tabs[lt][1])
+            self._rope_of[lt] = next(o for o in tabs if torch.equal(tabs[o][0], tabs[lt][0])
+                                     and tabs[o][1] == tabs[lt][1])
         self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=m.lm_head.weight.device)
         self._rope = {}
         self.set_draft_vocab(getattr(self, "draft_vocab", None))

@@ -108,7 +108,8 @@ class KVCache:
                 d_BTR = q_BT1 - self.ring_pos_BR[:, None, :]  # empty slots hold a far-away position: d >= W
                 s.ring_mask = self._additive(((d_BTR >= 0) & (d_BTR < W))[:, None])
             else:
-                kp_BK = pos_BT if s.fresh else torch.cat([self.ring_pos_BR, pos_BT], dim=1)  # old keys, then the chunk's
+                # key positions: the old ring's (unless empty), then the chunk's
+                kp_BK = pos_BT if s.fresh else torch.cat([self.ring_pos_BR, pos_BT], dim=1)
                 d_BTK = q_BT1 - kp_BK[:, None, :]
                 m = (d_BTK >= 0) & (d_BTK < W)
                 if not s.fresh:  # old entries at or after the chunk's start are stale (rejected drafts)

@@ -202,7 +202,9 @@ def train_head(model: Mellum2, batches, steps: int, lr: float = 1e-3, warmup: in
     params = freeze_trunk(model)
     model.train()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
+    def sched(s):
+        return min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
     dev = model.lm_head.weight.device
     ac = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else None
     log, t0, ntok = [], time.perf_counter(), 0
@@ -292,7 +294,8 @@ def run(args) -> dict:
     had = model.mtp is not None
     if not had or args.reinit:
         model = with_fresh_head(model)
-    print(f"mellum2 train-mtp: {src} ({'had a head' + (', reinitialised' if args.reinit else '') if had else 'no head: added one'}"
+    state = ("had a head" + (", reinitialised" if args.reinit else "")) if had else "no head: added one"
+    print(f"mellum2 train-mtp: {src} ({state}"
           f", {model.num_params('mtp') / 1e6:.2f}M head parameters; trunk frozen), {args.steps} steps of "
           f"{args.batch_size}x{args.seq_len}, source {args.source}, target {args.target} -> {out}")
     prompts = None
