@@ -34,9 +34,9 @@ def naive_greedy(m, prompt, n):
 PROMPTS = [[5, 9, 11], list(range(20, 37)), [7] * 9]  # ragged; the long one wraps the window (5)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_greedy_batch_equals_naive_decoding(model, fast):
-    eng = Engine(model, fast=fast)
+@pytest.mark.parametrize("fast,chunk", [(True, 1024), (False, 1024), (True, 4)])
+def test_greedy_batch_equals_naive_decoding(model, fast, chunk):
+    eng = Engine(model, fast=fast, prefill_chunk=chunk)
     res = eng.generate(PROMPTS, SamplingParams(max_new_tokens=25, ignore_eos=True, logprobs=True))
     for p, r in zip(PROMPTS, res):
         toks, lps = naive_greedy(model, p, 25)

@@ -90,6 +90,33 @@ def test_rejected_tokens_are_overwritten():
             n += acc + 1
 
 
+@pytest.mark.parametrize("chunk", [2, 3, 5])
+def test_chunked_ragged_prefill(chunk):
+    """Right-padded rows prefilled in chunks: a short last chunk fits the ring in place, and its
+    padding (far past a short row's end) must not wrap onto that row's live ring slots."""
+    m = _model()
+    cfg = m.cfg
+    lens = [3, 17, 9]
+    seqs = [torch.randint(3, cfg.vocab_size, (n + 6,)) for n in lens]
+    P, B = max(lens), len(lens)
+    cache = KVCache(cfg, B, P + 8, step_tokens=3)
+    ids = torch.stack([torch.cat([s[:n], torch.full((P - n,), 7)]) for s, n in zip(seqs, lens)])
+    pos = torch.arange(P).expand(B, P)
+    valid = pos < torch.tensor(lens)[:, None]
+    with torch.no_grad():
+        for a in range(0, P, chunk):
+            cache.begin(pos[:, a:a + chunk], valid_BT=valid[:, a:a + chunk])
+            m.trunk(ids[:, a:a + chunk], pos[:, a:a + chunk], cache=cache)
+        for step in range(6):
+            tok = torch.stack([s[n + step:n + step + 1] for s, n in zip(seqs, lens)])
+            p = torch.tensor(lens)[:, None] + step
+            cache.begin(p)
+            logits = m.head(m.trunk(tok, p, cache=cache)[0])
+            for b, n in enumerate(lens):
+                ref = _full_logits(m, seqs[b][None, : n + step + 1])[-1]
+                torch.testing.assert_close(logits[b, 0], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_long_prefill_then_chunked_continuation():
     """A prompt longer than the ring (overflow path), then a second prefill chunk, then decoding."""
     m = _model("test-small2")

@@ -141,14 +141,18 @@ class Engine:
     """Batched, streaming generation over a Mellum2 model (see the module docstring).
 
     fast: the decode fast path (forward.Fast) instead of the model's own trunk code (Reference).
+    prefill_chunk: prompts are prefilled this many positions at a time.
     compile: torch.compile the plain decode step over a static cache of the model's full context
     (on CUDA with mode="reduce-overhead", i.e. captured as a CUDA graph); the MoE then takes the
     sync-free `gather` path. On this CPU the eager step is faster (docs/inference.md)."""
 
     def __init__(self, model: Mellum2, fast: bool = True, compile: bool = False, moe: str = "auto",
-                 draft_vocab=None):
+                 draft_vocab=None, prefill_chunk: int = 1024):
         if not isinstance(model, Mellum2):
             raise TypeError(f"Engine: expected a mellum2 Mellum2 model, got {type(model).__name__}")
+        if prefill_chunk < 1:
+            raise ValueError(f"Engine: prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model  # no train/eval switch: Mellum2 has no dropout, and RL callers keep their mode
         self.cfg = model.cfg
         if compile and moe == "auto":
@@ -308,13 +312,17 @@ class Generation:
         if all(r.done for r in self.rows):
             return
 
-        # ---- prefill: right-padded prompts, per-row positions 0..len-1 (pads after: never seen)
+        # ---- prefill: right-padded prompts, per-row positions 0..len-1 (pads after: never seen),
+        # in chunks so masks and activations stay bounded for long prompts
         t0 = time.perf_counter()
         ids_BT = torch.tensor([p + [p[-1]] * (P - len(p)) for p in prompts], device=dev)
         pos_BT = torch.arange(P, device=dev).expand(B, P)
         lens_B = torch.tensor(lens, device=dev)
         valid_BT = pos_BT < lens_B[:, None]
-        h_BTD = eng.fwd.trunk(ids_BT, pos_BT, cache, valid_BT=valid_BT)
+        C = eng.prefill_chunk
+        h_BTD = torch.cat([eng.fwd.trunk(ids_BT[:, a:a + C], pos_BT[:, a:a + C], cache,
+                                         valid_BT=valid_BT[:, a:a + C], hi=min(a + C, P))
+                           for a in range(0, P, C)], 1)
         last_B = lens_B - 1
         logits_B1V = eng.fwd.head(gather_rows(h_BTD, last_B)[:, None])
         tok_B1 = sampler.sample(logits_B1V)
@@ -324,7 +332,8 @@ class Generation:
         if self.speculative:
             # the MTP layer over the prompt: (h_t, x_{t+1}) for t < len, x_len the token just sampled
             next_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, -1:]], 1).scatter(1, last_B[:, None], tok_B1)
-            y_BTD = eng.fwd.mtp(h_BTD, next_BT, pos_BT, cache)
+            y_BTD = torch.cat([eng.fwd.mtp(h_BTD[:, a:a + C], next_BT[:, a:a + C], pos_BT[:, a:a + C], cache,
+                                           hi=min(a + C, P)) for a in range(0, P, C)], 1)
             drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, gather_rows(y_BTD, last_B), tok_B1[:, 0], n_B, k,
                                      hi=P + k + 1)
         self.stats.prefill_s = time.perf_counter() - t0

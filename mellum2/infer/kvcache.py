@@ -98,7 +98,9 @@ class KVCache:
             if self.windowed_full else None
         if ring and self.ring and any(self.is_ring):
             R, W = self.ring, self.window
-            s.overflow = T > R - W + 1
+            # right padding of a later prefill chunk could wrap onto live ring slots: keep real tokens only
+            padded = valid_BT is not None and not bool(valid_BT.all())
+            s.overflow = T > R - W + 1 or padded
             s.fresh = self._empty  # nothing in the rings yet: a prefill attends within its chunk only
             self._empty = False
             if not s.overflow:
