@@ -1,8 +1,8 @@
 """The public generation API: `mellum2.generate(model, prompt_ids, ...)` and its streaming variant.
 
 Thin wrappers over the Engine (engine.py) for the common case of one prompt (or a list of prompts)
-and keyword sampling options. `model` is a Mellum2 or a checkpoint directory (loaded each call: pass
-the model for repeated calls). Engines are cached per model object, so repeated calls reuse the
+and keyword sampling options. `model` is a Mellum2, a checkpoint directory or a training run directory
+(loaded each call: pass the model for repeated calls). Engines are cached per model object, so repeated calls reuse the
 prepared fast-path tensors.
 """
 from __future__ import annotations
@@ -18,11 +18,27 @@ from .engine import Result, engine_for
 from .sampling import SamplingParams
 
 
+def resolve_model_dir(path) -> Path:
+    """A checkpoint directory, or a training run directory whose newest checkpoint holds model/."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    ckpts = sorted((p / "checkpoints").glob("step_[0-9]*")) if (p / "checkpoints").is_dir() else []
+    for c in reversed(ckpts):
+        if (c / "model" / "config.json").is_file():
+            return c / "model"
+    raise FileNotFoundError(f"{path}: no config.json there, in {path}/model or in {path}/checkpoints/step_*/model "
+                            f"(expected a checkpoint directory or a training run directory)")
+
+
 def as_model(model) -> Mellum2:
+    """A Mellum2 as given, or loaded from a checkpoint or training run directory."""
     if isinstance(model, Mellum2):
         return model
     if isinstance(model, (str, Path)):
-        return load_pretrained(model)
+        return load_pretrained(resolve_model_dir(model))
     raise TypeError(f"expected a Mellum2 model or a checkpoint directory, got {type(model).__name__}")
 
 

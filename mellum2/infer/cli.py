@@ -27,18 +27,12 @@ class CliError(Exception):
 
 
 def resolve_model_dir(path: str) -> Path:
-    """A checkpoint directory, or a run directory whose newest checkpoint holds model/."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    ckpts = sorted((p / "checkpoints").glob("step_[0-9]*")) if (p / "checkpoints").is_dir() else []
-    for c in reversed(ckpts):
-        if (c / "model" / "config.json").is_file():
-            return c / "model"
-    raise CliError(f"--model {path}: no config.json there, in {path}/model or in {path}/checkpoints/step_*/model "
-                   f"(expected a checkpoint directory or a training run directory)")
+    from .api import resolve_model_dir as resolve
+
+    try:
+        return resolve(path)
+    except FileNotFoundError as e:
+        raise CliError(f"--model {e}") from None
 
 
 def resolve_tokenizer(arg: str | None, model_dir: Path):
