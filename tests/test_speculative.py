@@ -219,14 +219,14 @@ def test_rejection_sampling_matches_plain_distribution(trained, monkeypatch):
 
 
 def test_rejection_sampling_with_a_repetition_penalty(trained):
-    """Penalties make p and q depend on the drafts earlier in the block; still exactly plain sampling."""
-    m = copy.deepcopy(trained)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        m.mtp.fc.weight.add_(torch.randn(m.mtp.fc.weight.shape, generator=g) * m.mtp.fc.weight.std() * 1.5)
+    """Penalties make p and q depend on the drafts earlier in the block; still exactly plain sampling.
+    The prompt ends in token 4, whose favourite successor 6 is its own favourite successor: the block
+    repeats 6, so the penalty of a drafted 6 reshapes the target at the next position (verifying
+    without that context produces sequences plain sampling never would)."""
     params = SamplingParams(max_new_tokens=3, temperature=2.0, top_k=3, repetition_penalty=3.0, ignore_eos=True)
-    prompt = markov_batch(1, 6, torch.Generator().manual_seed(3))[0].tolist()
-    exact = exact_joint(m, prompt, 3, params)  # prompt = everything so far: the repetition memory
-    spec = Engine(m).generate([prompt] * 3000, params, speculative=True, draft_tokens=2)
+    prompt = [10, 11, 12, 4]
+    exact = exact_joint(trained, prompt, 3, params)  # prompt = everything so far: the repetition memory
+    spec = Engine(trained).generate([prompt] * 3000, params, speculative=True, draft_tokens=2)
+    assert spec[0].stats.acceptance > 0.3
     stat, crit = chi2_stat([r.tokens for r in spec], exact)
     assert stat < crit, (stat, crit)
