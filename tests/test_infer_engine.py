@@ -149,3 +149,18 @@ def test_compiled_decode_step_equals_eager(model):
     eng = Engine(model, compile=True)
     assert [r.tokens for r in eng.generate(PROMPTS, params)] == want
     assert [r.tokens for r in eng.generate(PROMPTS, params)] == want  # the compiled step is reused
+
+
+def test_cached_engine_does_not_keep_the_model_alive():
+    import copy
+    import gc
+    import weakref
+
+    m = Mellum2(ModelConfig.from_preset("test-small")).eval()
+    generate(m, PROMPTS[0], 2)
+    c = copy.deepcopy(m)  # a copy starts without the cached engine (its tensors are the original's)
+    assert generate(c, PROMPTS[0], 2, ignore_eos=True).tokens == generate(m, PROMPTS[0], 2, ignore_eos=True).tokens
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None

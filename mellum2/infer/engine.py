@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -407,12 +406,23 @@ class Generation:
                             r.res.finish_reason if r.done else None)
 
 
-_ENGINES: "weakref.WeakKeyDictionary[Mellum2, Engine]" = weakref.WeakKeyDictionary()
+ATTR = "_mellum2_engine"
 
 
 def engine_for(model: Mellum2) -> Engine:
-    """The engine cached for a model (its fast-path tensors are prepared once)."""
-    eng = _ENGINES.get(model)
+    """The engine cached on a model (its fast-path tensors are prepared once). It lives in the model's
+    __dict__ (a reference cycle the garbage collector frees with the model; a WeakKeyDictionary would
+    keep the model alive through the engine's reference to it); copies and pickles of the model drop it."""
+    eng = model.__dict__.get(ATTR)
     if eng is None:
-        eng = _ENGINES[model] = Engine(model)
+        eng = Engine(model)
+        model.__dict__[ATTR] = eng
     return eng
+
+
+def _dropped():
+    return None
+
+
+Engine.__deepcopy__ = lambda self, memo: None
+Engine.__reduce__ = lambda self: (_dropped, ())
