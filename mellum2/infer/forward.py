@@ -1,21 +1,23 @@
 """The engine's forward passes over a KV cache: the model's own code (`Reference`) and a decode fast
 path (`Fast`) that reuses the model's parameters with far fewer PyTorch ops per step.
 
-Decoding a small model on a CPU is overhead-bound: a step of `tiny` reads ~30 MB of weights (~0.3 ms
-at memory bandwidth) but dispatches ~600 small ops through the generic `model.trunk`. `Fast` cuts
-that: one fused-weight q/k/v matmul, q-norm and k-norm as one `rms_norm` over the concatenated heads,
-RoPE from a precomputed per-position table (one gather per step instead of cos/sin per forward), k/v
-written in place by the cache, and a top-k MoE path for a handful of tokens that runs only the K
-chosen experts (see `moe_host` and `moe_gather`). Nothing in mellum2/model changes; tests/test_infer_forward.py checks
+Decoding `tiny` on a CPU is overhead-bound: a step reads ~20 MB of fp32 weights (~1 ms on one core)
+but the generic `model.trunk` dispatches ~760 small ops. `Fast` needs ~450: q/k/v as one matmul with
+the input norm's weight folded in, q-norm and k-norm as one norm over the concatenated heads, matmuls
+on pre-transposed views with the residual add fused (addmm), RoPE gathered from a per-position table
+the model's own Rotary computed, a 3-4 op RMSNorm, k/v written in place by the cache, and MoE paths
+for a handful of tokens that run only the chosen experts (`moe_host` on a CPU, `moe_gather` without
+host syncs for CUDA graphs). Nothing in mellum2/model changes; tests/test_infer_forward.py checks
 `Fast` against `Reference` (and so against `model(...)`).
 
-Both expose the same three calls, each one cache step:
+Both expose the same calls, each one cache step:
   trunk(ids_BT, pos_BT, cache, valid_BT=None, hi=None) -> h_BTD (before the final norm)
   head(h_BTD) -> fp32 logits
   mtp(h_BTD, next_ids_BT, pos_BT, cache, hi=None) -> y_BTD (the MTP layer's output, before mtp.norm)
+  mtp_head(y_BTD) -> fp32 logits of the MTP head (Fast: optionally over a draft vocabulary only)
 
 The model runs in its parameter dtype (fp32 or bf16), no autocast. The fused q/k/v weights are copies
-made at construction: call `refresh()` after the model's weights change (RL), or use `Reference`.
+made at construction: `refresh()` re-reads the weights (the Engine does so whenever they changed).
 
 Legend: B rows, T tokens, D model width, H/G query/kv heads, d head_dim, E experts, K top-k,
 N = B*T tokens flattened, I expert width, V vocab.

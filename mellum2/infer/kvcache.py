@@ -14,15 +14,17 @@ Layout (gpt-fast style static cache): per layer one k and one v tensor [B, G, S,
 Per-row positions, not left padding: each row writes at its own positions, so prompts of different
 lengths need no padding mask at decode, rows may advance by different amounts (speculative decoding)
 and a finished row could later be refilled with a new request (continuous batching). Batched prefill
-right-pads the prompts: pads sit at positions after a row's last real token, so no real query sees
-them (causality) and the decode steps overwrite them before any query could.
+right-pads the prompts: in full layers pads sit at positions after a row's last real token, so no
+real query sees them (causality) and the decode steps overwrite them before any query could; the
+rings never store pads (they could wrap onto live slots), see the overflow path.
 
 A step is `begin(pos_BT, ...)` (masks and slots once for all layers), then the forward pass calls
 `attend` per layer. Two attention paths:
 - in place (decode, speculative verify, short chunks): write k/v, then SDPA on the cache with a mask;
   static shapes and no host syncs, so the step can be captured (CUDA graphs / torch.compile).
-- overflow (a chunk longer than a ring has room for, i.e. prefill): the sliding layers attend over
-  [ring ; chunk] and then keep each row's last R positions. Prefill only; it may sync.
+- overflow (a prefill chunk longer than a ring has room for, or one with padding): the sliding
+  layers attend over [ring ; chunk] (the chunk alone while the rings are empty) and then keep each
+  row's last R real positions. Prefill only; it may sync.
 
 Shapes: B rows, T tokens this step, S slots, R ring slots, H query heads, G kv heads, d head_dim.
 """
