@@ -51,6 +51,25 @@ def test_3d_expert_step_equals_per_expert_torch_muon():
         assert torch.equal(ours[e], ref), f"expert {e}"
 
 
+def test_bucketed_step_equals_per_matrix_torch_muon():
+    """Same-shaped matrices and expert stacks orthogonalised in one batch, each as torch would."""
+    torch.manual_seed(5)
+    shapes = [(24, 40), (24, 40), (40, 24), (3, 24, 40), (24, 40), (2, 40, 24), (16, 16)]
+    p0 = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    ps = [torch.nn.Parameter(x.clone()) for x in p0]
+    opt = Muon(ps, lr=0.02, adjust_lr_fn="match_rms_adamw")
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+    kw = dict(lr=0.02, adjust_lr_fn="match_rms_adamw")
+    for i, (x, p) in enumerate(zip(p0, ps)):
+        mats = [(x, [g[i] for g in grads])] if x.ndim == 2 else [(x[e], [g[i][e] for g in grads]) for e in range(x.shape[0])]
+        ref = torch.stack([_run(torch.optim.Muon, m, gs, **kw)[0] for m, gs in mats])
+        assert torch.equal(p.detach().reshape(ref.shape), ref), shapes[i]
+
+
 def test_batched_newton_schulz_equals_loop_and_orthogonalises():
     torch.manual_seed(3)
     for shape in [(6, 16, 48), (6, 48, 16)]:
@@ -89,7 +108,7 @@ def test_optimiser_split_of_mellum2():
     model = Mellum2(ModelConfig.from_preset("test-small"))
     roles = {n: param_role(n, p) for n, p in model.named_parameters()}
     assert roles["model.embed_tokens.weight"] == roles["lm_head.weight"] == "adamw_decay"
-    assert roles["model.layers.1.mlp.gate.weight"] == "adamw_nodecay"  # router
+    assert roles["model.layers.1.mlp.gate.weight"] == "muon"  # router (docs/train.md)
     assert roles["model.layers.1.mlp.experts.gate_proj"] == "muon"
     assert roles["model.layers.0.mlp.gate_proj.weight"] == "muon"  # dense layer
     assert roles["model.layers.0.self_attn.q_proj.weight"] == "muon"

@@ -13,6 +13,9 @@ What is added over torch's:
 - 3-D parameters [E, rows, cols] are E independent matrices (MoE experts): one batched Newton-Schulz
   (`baddbmm`) over the leading dimension; the rows/cols of the scale are the last two dimensions.
   `zeropower_looped` is the obviously correct per-matrix reference (tests/test_muon.py).
+- matrices of the same shape (the experts of all layers, every layer's q_proj, ...) are stacked and
+  orthogonalised in one batched Newton-Schulz per shape (in chunks of at most 128M elements); a
+  shape held by a single 2-D matrix takes torch's exact 2-D path.
 - `lr` may be a 0-d tensor (schedules then never change a Python constant under torch.compile).
 - FSDP2 / DTensor parameters (train/parallel.py). Decision: FSDP2 shards dim 0, which for an expert
   stack means whole experts per rank, so 3-D parameters are orthogonalised locally with no
@@ -119,13 +122,8 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon: parameters must be matrices [R, C] or expert stacks [E, R, C]; "
                                      f"got shape {tuple(p.shape)} (optimise it with AdamW)")
 
-    def _orthogonalise(self, u: Tensor, p: Tensor, group) -> Tensor:
-        """O for the local shard of p, given the local shard u of the momentum update."""
-        ns = dict(coeffs=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"])
-        if DTensor is None or not isinstance(p, DTensor):
-            return zeropower(u, **ns)
-        if _experts_whole_on_rank(p):
-            return zeropower(u, **ns) if u.numel() else u.bfloat16()
+    def _gathered(self, u: Tensor, p, ns: dict) -> Tensor:
+        """O for the local rows of a DTensor matrix whose rows are split over ranks (gather, NS, slice)."""
         full = DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
         o = zeropower(full, **ns)
         return distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None).to_local()
@@ -138,6 +136,10 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            ns = dict(coeffs=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"])
+            # matrices of one shape are orthogonalised together (one batched Newton-Schulz per bucket):
+            # on CPU a layer's small matrices are dominated by per-op overhead otherwise
+            buckets: dict[tuple[int, int], list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -146,15 +148,49 @@ class Muon(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                g, buf, w = _local(p.grad), _local(state["momentum_buffer"]), _local(p)
+                g, buf = _local(p.grad), _local(state["momentum_buffer"])
                 buf.lerp_(g, 1 - mu)
                 u = g.lerp(buf, mu) if group["nesterov"] else buf
-                o = self._orthogonalise(u, p, group)
-                scale = update_scale(p.shape, group["adjust_lr_fn"])
-                if isinstance(lr, Tensor):
-                    w.mul_(1 - lr * wd)
-                    w.sub_(o.to(w.dtype) * (lr * scale).to(w.dtype))
-                else:
-                    w.mul_(1 - lr * wd)
-                    w.add_(o, alpha=-(lr * scale))
+                if DTensor is not None and isinstance(p, DTensor) and not _experts_whole_on_rank(p):
+                    self._apply(p, self._gathered(u, p, ns), lr, wd, group)
+                elif u.numel():
+                    buckets.setdefault(tuple(u.shape[-2:]), []).append((p, u))
+            for items in buckets.values():
+                if len(items) == 1 and items[0][1].ndim == 2:  # exactly torch.optim.Muon's 2-D path
+                    self._apply(items[0][0], zeropower(items[0][1], **ns), lr, wd, group)
+                    continue
+                for chunk in _chunks(items, _BUCKET_NUMEL):
+                    u_NRC = torch.cat([u.bfloat16().reshape(-1, *u.shape[-2:]) for _, u in chunk])
+                    o_NRC = zeropower(u_NRC, **ns)
+                    start = 0
+                    for p, u in chunk:
+                        n = u.numel() // (u.shape[-2] * u.shape[-1])
+                        self._apply(p, o_NRC[start:start + n].view(u.shape), lr, wd, group)
+                        start += n
         return loss
+
+    @staticmethod
+    def _apply(p, o: Tensor, lr, wd: float, group) -> None:
+        """Decoupled weight decay, then the scaled orthogonal update, on this rank's part of p."""
+        w = _local(p)
+        scale = update_scale(p.shape, group["adjust_lr_fn"])
+        w.mul_(1 - lr * wd)
+        if isinstance(lr, Tensor):
+            w.sub_(o.to(w.dtype) * (lr * scale).to(w.dtype))
+        else:
+            w.add_(o, alpha=-(lr * scale))
+
+
+_BUCKET_NUMEL = 1 << 27  # at most 128M elements (256 MB in bf16) orthogonalised in one batch
+
+
+def _chunks(items, max_numel: int):
+    chunk, size = [], 0
+    for it in items:
+        if chunk and size + it[1].numel() > max_numel:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(it)
+        size += it[1].numel()
+    if chunk:
+        yield chunk

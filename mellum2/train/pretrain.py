@@ -181,6 +181,11 @@ def pretrain(args) -> Path:
         trainer.load_state_dict(ts["trainer"])
         _set_rng_state(ts["rng"][d.rank])
         say(f"resumed from {found} at step {trainer.step} ({trainer.tokens:,} tokens)")
+    if d.is_main and data_dir is not None and (data_dir / "tokenizer").is_dir() and not (out / "tokenizer").exists():
+        import shutil  # the run directory carries its tokenizer (inference finds it next to the checkpoints)
+
+        shutil.copytree(data_dir / "tokenizer", out / ".tokenizer.tmp", dirs_exist_ok=True)
+        os.replace(out / ".tokenizer.tmp", out / "tokenizer")
     if d.is_main:
         _write_json(out / "args.json", {**vars(args), "trajectory": trajectory, "parallel": applied,
                                         "total_steps": total_steps, "phase_boundaries_steps": boundaries_steps})
