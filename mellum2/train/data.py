@@ -120,4 +120,9 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
         if not data_dir.is_dir():
             raise TrainError(f"mellum2 train: --data {data}: no such directory (expected a prepared data "
                              f"directory from `mellum2 data`, or 'synthetic')")
-    return Loader(data_dir, **common), data_dir
+    loader = Loader(data_dir, **common)
+    n = getattr(getattr(loader, "store", None), "vocab_size", None)
+    if n is not None and n > vocab_size:
+        raise TrainError(f"{data_dir}: its tokenizer has {n} tokens but the model's vocab_size is {vocab_size} "
+                         f"(choose a preset/config with vocab_size >= {n})")
+    return loader, data_dir

@@ -27,9 +27,8 @@ def greedy(model, ids: list[int], max_new_tokens: int, stop_ids=(), device="cpu"
     try:
         for _ in range(max_new_tokens):
             x = torch.tensor([out[-limit:]], device=device)
-            with ctx:
-                h, _ = model.trunk(x)
-                nxt = int(model.head(h[:, -1:]).argmax(-1))
+            with ctx:  # the full forward (not trunk/head): FSDP gathers parameters in forward hooks
+                nxt = int(model(x, mtp=False).logits[0, -1].argmax())
             out.append(nxt)
             if nxt in stop_ids:
                 break
