@@ -9,15 +9,19 @@ transformers is run with each experts implementation 5.18 offers on CPU (eager, 
 grouped_mm) and with `output_router_logits=True` so its loss includes the load-balancing term like
 ours; its fastest is the peer. Ours with MTP on (the real recipe) is reported too.
 
-`ours_compiled` is our step with `--compile` (torch.compile per decoder layer, inductor on CPU).
+`ours_compiled` is our step with `--compile` (torch.compile per decoder layer, inductor on CPU),
+bf16 only (torch's grouped_mm compiles only in bf16; fp32 would graph-break at every expert matmul).
 Timings: all configurations live in one process and are timed interleaved, round by round (best
-round counts), so a shared machine's changing load falls on all alike. Peak RSS: each configuration
+round counts), so a shared machine's changing load falls on all alike; one precision after the other,
+each warmed up first, and in every round each model runs one untimed pass before its timed ones (the
+first pass after another model's, or after the other precision, ran up to 2x slower here and had
+made an earlier version of this script misreport fwd+bwd). Peak RSS: each configuration
 once more in its own subprocess (warm-up + one step). transformers' batched_mm (50x slower, 16 GiB)
 only gets that one-step figure. Achieved FLOP/s = accounting.flops_per_token(cfg, seq)["train"] x
 step tok/s, against the matmul peak this script measures (square bf16 / fp32 GEMMs, all threads).
 
     .venv/bin/python benchmarks/train_throughput.py [--batch 8] [--seq 512] [--iters 3] [--precisions fp32,bf16]
-        [--threads N] [--skip-batched-mm]
+        [--threads N] [--skip-batched-mm] [--skip-memory]
 
 The last stdout line is one JSON object.
 """
@@ -64,7 +68,7 @@ def build(kind: str, batch: int, seq: int):
         from mellum2.train.trainer import Trainer
 
         model = Mellum2(cfg).train()
-        parallelize(model, Dist(), compile=kind == "ours_compiled")
+        parallelize(model, Dist(), compile=kind == "ours_compiled", precision="bf16")
         opts = build_optimizers(model, 1e-3)
         batch_d = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq).expand(batch, seq)}
         trainers = {prec: Trainer(model, opts, lambda s: 1e-3, _Repeat(batch_d), Dist(), precision=prec,
@@ -106,11 +110,15 @@ def build(kind: str, batch: int, seq: int):
     return fwd_bwd, step, cfg
 
 
+def _precs(kind: str, precs: list[str]) -> list[str]:
+    return [p for p in precs if not (kind == "ours_compiled" and p == "fp32")]
+
+
 def one(kind: str, precs: list[str], batch: int, seq: int) -> dict:
     """Peak RSS of one configuration in its own process (warm-up + one full step per precision)."""
     fwd_bwd, step, _ = build(kind, batch, seq)
     t = {}
-    for prec in precs:
+    for prec in _precs(kind, precs):
         step(prec)
         t0 = time.perf_counter()
         step(prec)
@@ -137,6 +145,7 @@ def main():
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument("--skip-batched-mm", action="store_true", help="skip transformers' batched_mm (16 GiB, slow)")
+    ap.add_argument("--skip-memory", action="store_true", help="no per-configuration peak-RSS subprocesses")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.threads:
@@ -147,7 +156,7 @@ def main():
         return
     kinds = ["ours", "ours_compiled", "ours_mtp", "hf_eager", "hf_grouped_mm"]
     mem = {}
-    for kind in kinds + ([] if a.skip_batched_mm else ["hf_batched_mm"]):  # peak memory, one process each
+    for kind in [] if a.skip_memory else kinds + ([] if a.skip_batched_mm else ["hf_batched_mm"]):
         cmd = [sys.executable, __file__, "--one", kind, "--precisions", a.precisions, "--batch", str(a.batch),
                "--seq", str(a.seq)] + (["--threads", str(a.threads)] if a.threads else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -159,20 +168,22 @@ def main():
     # load falls on all of them alike; batched_mm (50x slower, 16 GiB) only gets its one-step figure
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     built = {k: build(k, a.batch, a.seq) for k in kinds}
-    for k, (fb, st, _) in built.items():
-        for prec in precs:
-            fb(prec)
-            st(prec)  # warm-up (and compilation)
     best: dict = {}
-    for _ in range(a.iters):
+    for prec in precs:  # one precision at a time: switching dtypes makes oneDNN rebuild its kernels
         for k, (fb, st, _) in built.items():
-            for prec in precs:
+            if prec in _precs(k, precs):
+                fb(prec)
+                st(prec)  # warm-up (and compilation)
+        for _ in range(a.iters):
+            for k, (fb, st, _) in built.items():
+                if prec not in _precs(k, precs):
+                    continue
+                fb(prec)  # untimed: the first pass after another model's is slower (allocator, kernel caches)
                 for name, fn in (("fwd_bwd", fb), ("step", st)):
                     t0 = time.perf_counter()
                     fn(prec)
                     dt = time.perf_counter() - t0
-                    key = (k, prec, name)
-                    best[key] = min(best.get(key, float("inf")), dt)
+                    best[(k, prec, name)] = min(best.get((k, prec, name), float("inf")), dt)
     tok = a.batch * a.seq
     res = {"benchmark": "train_throughput", "preset": "tiny", "batch": a.batch, "seq": a.seq,
            "threads": torch.get_num_threads(), "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()}}
@@ -183,7 +194,7 @@ def main():
     for k in kinds + ["hf_batched_mm"]:
         fpt = flops_per_token(ModelConfig.from_preset("tiny", num_nextn_predict_layers=int(k == "ours_mtp")),
                               a.seq)["train"]
-        for prec in precs:
+        for prec in _precs(k, precs):
             if k in built:
                 fb_s, st_s = tok / best[(k, prec, "fwd_bwd")], tok / best[(k, prec, "step")]
             elif k in mem:
@@ -202,6 +213,8 @@ def main():
         peer_fb = max(hf, key=lambda k: hf[k]["fwd_bwd_tok_s"])
         peer_st = max(hf, key=lambda k: hf[k]["step_tok_s"])
         for ours in ("ours", "ours_compiled"):
+            if f"{ours}_{prec}" not in res:
+                continue
             o = res[f"{ours}_{prec}"]
             res[f"ratio_{ours}_fwd_bwd_{prec}"] = o["fwd_bwd_tok_s"] / hf[peer_fb]["fwd_bwd_tok_s"]
             res[f"ratio_{ours}_step_{prec}"] = o["step_tok_s"] / hf[peer_st]["step_tok_s"]

@@ -41,12 +41,12 @@ def cli(*args, timeout=600, check=True, **popen) -> subprocess.CompletedProcess:
 
 
 def make_trainer(preset="test-small", steps=20, batch_size=4, seq_len=32, grad_accum=1, lr=3e-3, fp8=False,
-                 ac=False, precision="bf16", seed=0, max_bad_steps=5, model=None):
+                 ac=False, compile=False, precision="bf16", seed=0, max_bad_steps=5, model=None):
     cfg = ModelConfig.from_preset(preset)
     torch.manual_seed(seed)
     model = model or Mellum2(cfg)
     d = Dist()
-    parallelize(model, d, fp8=fp8, ac=ac)
+    parallelize(model, d, fp8=fp8, ac=ac, compile=compile, precision=precision)
     tap = install_count_reducer(model, d)
     tps = batch_size * seq_len * grad_accum
     loader = SyntheticLoader(batch_size=batch_size, seq_len=seq_len, total_tokens=steps * tps,

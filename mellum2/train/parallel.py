@@ -6,7 +6,9 @@ checkpointing -> torch.compile -> FSDP2.
 - Activation checkpointing per decoder layer (trunk and MTP), via torch's composable `checkpoint`,
   which installs hooks instead of a wrapper, so parameter names (= checkpoint keys) do not change.
 - torch.compile per decoder layer (`module.compile()`, again name-preserving). Layers, not the whole
-  model: the loss, the router statistics and the count all-reduce stay eager.
+  model: the loss, the router statistics and the count all-reduce stay eager. torch's grouped_mm has
+  no fp32 kernel under compile, so in fp32 each `experts.gmm` is wrapped in
+  `torch.compiler.disable` (a graph break around the expert matmuls; bf16 compiles them whole).
 - FSDP2 `fully_shard` per decoder layer, then the root (embedding, head, norms, MTP fc). Parameters
   stay fp32 and matmuls run under autocast, so gradients are reduced in fp32 (as Mellum 2 reduces
   them). Every parameter is sharded along dim 0, which puts whole experts on each rank (see muon.py).
@@ -76,7 +78,7 @@ def decoder_layers(model) -> list[nn.Module]:
 
 
 def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto", ac: bool = False,
-                compile: bool = False) -> dict:
+                compile: bool = False, precision: str = "bf16") -> dict:
     """Apply FP8, activation checkpointing, compile and (when d.world > 1) FSDP2, in that order.
     Build optimisers only after this (FSDP replaces the parameters). Returns what was applied."""
     applied: dict = {}
@@ -91,6 +93,12 @@ def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto",
             checkpoint(layer)
         applied["ac"] = len(decoder_layers(model))
     if compile:
+        if precision != "bf16":
+            from mellum2.model.moe import Experts
+
+            for m in model.modules():
+                if isinstance(m, Experts):
+                    m.gmm = torch.compiler.disable(m.gmm)
         for layer in decoder_layers(model):
             layer.compile()
         applied["compile"] = len(decoder_layers(model))

@@ -166,7 +166,8 @@ def pretrain(args) -> Path:
         model = Mellum2(cfg)
     model.to(d.device)
     sizes = f"{model.num_params('all') / 1e6:.1f}M parameters ({model.num_active_params('all') / 1e6:.1f}M active)"
-    applied = parallelize(model, d, fp8=args.fp8, fp8_backend=args.fp8_backend, ac=args.ac, compile=args.compile)
+    applied = parallelize(model, d, fp8=args.fp8, fp8_backend=args.fp8_backend, ac=args.ac, compile=args.compile,
+                          precision=args.precision)
     tap = install_count_reducer(model, d)
     optims = build_optimizers(model, lr, weight_decay=args.weight_decay)
     trainer = Trainer(model, optims, schedule, loader, d, grad_accum=args.grad_accum, precision=args.precision,
