@@ -99,8 +99,9 @@ class SyntheticLoader:
 
 
 def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: int, total_tokens: int,
-                rank: int, world_size: int, seed: int):
+                rank: int, world_size: int, seed: int, long_context: dict | None = None):
     """`data`: 'synthetic', a prepared data directory, or None for the embedded default corpus.
+    `long_context`: options of `LongContextLoader` (the long-context stage) instead of the curriculum.
     Returns (loader, data_dir or None)."""
     common = dict(batch_size=batch_size, seq_len=seq_len, total_tokens=total_tokens, rank=rank,
                   world_size=world_size, seed=seed)
@@ -120,7 +121,15 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
         if not data_dir.is_dir():
             raise TrainError(f"mellum2 train: --data {data}: no such directory (expected a prepared data "
                              f"directory from `mellum2 data`, or 'synthetic')")
-    loader = Loader(data_dir, **common)
+    if long_context is not None:
+        from mellum2.data.longctx import LongContextLoader
+
+        try:
+            loader = LongContextLoader(data_dir, **common, **long_context)
+        except ValueError as e:
+            raise TrainError(f"long-context data: {e}") from None
+    else:
+        loader = Loader(data_dir, **common)
     n = getattr(getattr(loader, "store", None), "vocab_size", None)
     if n is not None and n > vocab_size:
         raise TrainError(f"{data_dir}: its tokenizer has {n} tokens but the model's vocab_size is {vocab_size} "

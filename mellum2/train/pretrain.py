@@ -3,11 +3,13 @@
     mellum2 train --preset tiny --out runs/tiny --max-steps 300 --batch-size 8 --seq-len 512
     torchrun --nproc_per_node 2 -m mellum2.train.pretrain --preset tiny --out runs/tiny2 --max-steps 300
     mellum2 train --out runs/tiny --resume            # continue exactly where the last checkpoint left off
+    mellum2 train --stage long-context --from runs/tiny --rope-factor 8 --seq-len 4096 --max-steps 200 --out runs/tiny-4k
 
 A linear recipe: process group -> data -> model (fresh or from the checkpoint) -> parallelize
 (FP8, activation checkpointing, compile, FSDP2) -> optimisers (Muon + AdamW) -> Warmup-Hold-Decay
 over the loader's phase boundaries -> restore the training state -> loop (log, checkpoint) -> final
-checkpoint, loss plot, sample completions. `run(argv)` returns the output directory (the demo calls it).
+checkpoint, loss plot, sample completions. `--stage long-context` swaps two pieces: the model comes
+from `--from` with its context extended (long_context.py) and the data from `LongContextLoader`. `run(argv)` returns the output directory (the demo calls it).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from . import checkpoint as ckpt
 from .data import make_loader
 from .errors import TrainError, TrainingDiverged
+from .long_context import ROPE_LAYERS, extended_config, load_extended, source_dir
 from .metrics import MetricsLogger, measure_peak_flops, plot_losses, read_jsonl, summarize
 from .optim import build_optimizers
 from .parallel import (all_gather_objects, barrier, full_model_state, full_optim_state, init_distributed,
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mellum2 train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
+    a("--stage", choices=("pretrain", "long-context"), default="pretrain",
+      help="pretrain: the three-phase curriculum; long-context: extend --from's context with YaRN and train on long rows")
     a("--preset", default="tiny", help="model preset (mellum2.model.config.PRESETS)")
     a("--config", default=None, help="a config.json (or checkpoint directory) instead of --preset")
     a("--data", default=None, help="prepared data directory, or 'synthetic'; default: the embedded corpus")
@@ -71,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--peak-tflops", type=float, default=None, help="device peak for MFU; default: measured matmul peak")
     a("--samples", type=int, default=48, help="greedy tokens per sample prompt at the end (0: none)")
     a("--device", choices=("cpu", "cuda"), default=None)
+    lc = p.add_argument_group("long-context stage (--stage long-context)")
+    lc.add_argument("--from", dest="from_", metavar="CHECKPOINT", default=None,
+                    help="checkpoint or run directory to extend")
+    lc.add_argument("--rope-factor", type=float, default=16.0, help="YaRN factor S (Mellum 2: 8K -> 128K is 16)")
+    lc.add_argument("--rope-layers", choices=tuple(ROPE_LAYERS), default="full",
+                    help="full: YaRN on full-attention layers only (Mellum 2); all: every layer; none: plain RoPE")
+    lc.add_argument("--original-context", type=int, default=None,
+                    help="the base's trained context; default: its max_position_embeddings")
+    lc.add_argument("--repo-fraction", type=float, default=0.5, help="share of row items that are repository samples")
+    lc.add_argument("--repo-fim-rate", type=float, default=0.5, help="repository samples turned into repo-level FIM")
     a("--no-tensorboard", action="store_true")
     a("--no-progress", action="store_true")
     return p
@@ -119,10 +134,21 @@ def _write_json(path: Path, obj) -> None:
 def pretrain(args) -> Path:
     d = init_distributed(args.device)
     say = print if d.is_main else (lambda *a, **k: None)
-    cfg = _model_config(args)
+    long_ctx = args.stage == "long-context"
+    if long_ctx:
+        if args.from_ is None:
+            raise TrainError("--stage long-context needs --from CHECKPOINT (the model whose context to extend)")
+        if args.rope_factor < 1:
+            raise TrainError(f"--rope-factor: expected >= 1, got {args.rope_factor}")
+        src = source_dir(args.from_)
+        cfg = extended_config(src, args.rope_factor, args.rope_layers, args.original_context)
+    else:
+        if args.from_ is not None:
+            raise TrainError("--from is for --stage long-context (use --resume to continue a pre-training run)")
+        cfg = _model_config(args)
     args.seq_len = args.seq_len or min(cfg.max_position_embeddings, 8192)
     _check_args(args, cfg)
-    out = Path(args.out or f"runs/{args.preset}")
+    out = Path(args.out or (f"{str(args.from_).rstrip('/')}-long" if long_ctx else f"runs/{args.preset}"))
     found = ckpt.latest(out) if args.resume else None  # validates, so a damaged newest one is an error
     if args.resume and found is None:
         raise TrainError(f"--resume: no finished checkpoint in {ckpt.checkpoints_root(out)}; "
@@ -146,8 +172,10 @@ def pretrain(args) -> Path:
     total_tokens = total_steps * tps
     loader, data_dir = make_loader(args.data, vocab_size=cfg.vocab_size, batch_size=args.batch_size,
                                    seq_len=args.seq_len, total_tokens=total_tokens, rank=d.rank,
-                                   world_size=d.world, seed=args.seed)
-    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.preset, 3e-4)
+                                   world_size=d.world, seed=args.seed,
+                                   long_context=dict(repo_fraction=args.repo_fraction,
+                                                     repo_fim_rate=args.repo_fim_rate) if long_ctx else None)
+    lr = args.lr if args.lr is not None else (3e-4 if long_ctx else DEFAULT_LR.get(args.preset, 3e-4))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(2000, total_steps // 20))
     schedule = WarmupHoldDecay.from_phase_boundaries(lr, warmup, loader.phase_boundaries, tps)
     boundaries_steps = [-(-b // tps) for b in loader.phase_boundaries]
@@ -155,10 +183,18 @@ def pretrain(args) -> Path:
                   "grad_accum": args.grad_accum, "world_size": d.world, "total_tokens": total_tokens,
                   "lr": lr, "warmup_steps": warmup, "weight_decay": args.weight_decay, "clip": args.clip,
                   "precision": args.precision, "fp8": args.fp8, "seed": args.seed, "data": args.data or "default"}
+    if long_ctx:
+        trajectory.update(stage=args.stage, source=str(src.resolve()), rope_factor=args.rope_factor,
+                          rope_layers=args.rope_layers, repo_fraction=args.repo_fraction,
+                          repo_fim_rate=args.repo_fim_rate)
 
     # ---- model, parallelism, optimisers
     if found is not None:
         model = ckpt.load_model(found)
+    elif long_ctx:
+        model = load_extended(src, cfg)
+        say(f"long-context stage: {src} extended x{args.rope_factor:g} to {cfg.max_position_embeddings} tokens, "
+            f"YaRN on {', '.join(ROPE_LAYERS[args.rope_layers]) or 'no'} layers")
     else:
         from mellum2.model import Mellum2
 

@@ -1,0 +1,63 @@
+"""The long-context stage (Mellum 2 §4): extend a trained checkpoint's context with YaRN on the
+full-attention layers only, then keep training on long rows (mellum2.data.longctx).
+
+    mellum2 train --stage long-context --from runs/tiny --rope-factor 8 --seq-len 4096 --max-steps 200
+
+`--from` is a checkpoint directory (config.json + safetensors) or a training run directory (its newest
+checkpoint). The original context is the checkpoint's `max_position_embeddings` unless
+`--original-context` says otherwise (a base trained on shorter rows than its config allows).
+`--rope-layers` picks where YaRN goes: `full` (the Mellum 2 recipe), `all` (uniform YaRN, the ablation's
+alternative) or `none` (plain RoPE everywhere, only the context length grows). Weights are copied
+unchanged; only the rotary tables change, so config.json carries the per-layer-type
+`rope_parameters` exactly as the released 128K checkpoint does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import TrainError
+
+ROPE_LAYERS = {"full": ("full_attention",), "all": ("full_attention", "sliding_attention"), "none": ()}
+
+
+def source_dir(path: str) -> Path:
+    from mellum2.infer.api import resolve_model_dir
+
+    try:
+        return resolve_model_dir(path)
+    except FileNotFoundError as e:
+        raise TrainError(f"--from {e}") from None
+
+
+def extended_config(src: Path, factor: float, rope_layers: str, original: int | None):
+    """The source checkpoint's config with its context extended `factor` times."""
+    from mellum2.model import ConfigError, ModelConfig
+
+    try:
+        cfg = ModelConfig.from_hf(src)
+        if original is not None:
+            if original < 16:
+                raise ConfigError(f"--original-context must be >= 16 (got {original})")
+            cfg = cfg.replace(max_position_embeddings=original)
+        layers = tuple(lt for lt in ROPE_LAYERS[rope_layers] if lt in set(cfg.layer_types))
+        return cfg.extend_context(factor, layers)
+    except ConfigError as e:
+        raise TrainError(f"--from {src}: {e}") from None
+
+
+def load_extended(src: Path, cfg):
+    """The source's weights (MTP head included when both have one) in a model built for `cfg`."""
+    from mellum2.model import CheckpointError, ConfigError, Mellum2, load_pretrained
+
+    try:
+        old = load_pretrained(src, dtype=torch.float32, mtp=cfg.num_nextn_predict_layers > 0)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        raise TrainError(f"--from {src}: {e}") from None
+    with torch.device("meta"):
+        model = Mellum2(cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(old.state_dict())  # strict: the architectures are identical
+    model.rotary.reset()  # to_empty() left the (non-buffer) tables alone; recompute them for `cfg` anyway
+    return model.train()
