@@ -1,12 +1,18 @@
 """`make demo` / `mellum2 demo`: the end-to-end tour on this machine's CPU.
 
 Steps (each a call into the stage's own module, nothing demo-specific hidden here):
-  1. the `tiny` model: its accounting next to the released 12B's, and a forward pass.
+  1. the `tiny` model: its accounting next to the released 12B's, and a forward pass;
+  2. the embedded corpus (Python's standard library, its docs, generated math), prepared once and cached;
+  3. pre-training `tiny` with its MTP head over the three-phase curriculum (`mellum2 train`, ~5 min);
+  4. code completion with the trained model: left to right and fill-in-the-middle, plain greedy and
+     MTP self-speculative (identical output; acceptance and speed-up printed).
+Re-running continues where it stopped: a finished training run is reused, an interrupted one resumed.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,8 +40,49 @@ def step_model() -> None:
           + ", ".join(f"{k} {v.item():.3f}" for k, v in out.losses.items()))
 
 
+def step_data() -> Path:
+    print("\n== 2. the embedded corpus ==")
+    from .data import ensure_default_data
+
+    d = ensure_default_data(progress=True)
+    print(f"prepared data: {d}")
+    return d
+
+
+def step_train(out: Path) -> Path:
+    print("\n== 3. pre-training tiny (three-phase curriculum, Muon, WHD schedule, MTP) ==")
+    from .train import checkpoint as ckpt
+    from .train import pretrain
+
+    args = pretrain.DEMO_ARGS + ["--out", str(out)]
+    total = int(args[args.index("--max-steps") + 1])
+    done = ckpt.list_checkpoints(out)
+    if done and done[-1][0] >= total:
+        print(f"{out}: already trained ({total} steps); delete it to train again")
+        return out
+    return pretrain.run(args + (["--resume"] if done else []))
+
+
+def step_complete(run_dir: Path) -> dict:
+    print("\n== 4. completion with the trained model (plain greedy vs MTP self-speculative) ==")
+    from .infer import demo_completion
+    from .tokenizer import Tokenizer
+
+    return demo_completion(run_dir, Tokenizer.load(run_dir / "tokenizer"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mellum2 demo", description=__doc__.split("\n\n")[0])
-    ap.parse_args(argv)
+    ap.add_argument("--out", default="runs/demo", help="training run directory")
+    ap.add_argument("--quick", action="store_true", help="only step 1 (model accounting and a forward pass)")
+    a = ap.parse_args(argv)
+    t0 = time.time()
     step_model()
+    if a.quick:
+        return 0
+    step_data()
+    out = step_train(Path(a.out))
+    step_complete(out)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; the run is in {out} (loss.png, metrics.jsonl, samples.txt); "
+          f"next: `mellum2 generate --model {out} --prompt 'def '`, docs/train.md, docs/inference.md")
     return 0

@@ -144,3 +144,27 @@ def test_long_context_stage_bad_arguments(data_dir, base_run, tmp_path):
     lc = _stage(data_dir, base_run, tmp_path / "e", "--max-steps", "1")
     with pytest.raises(TrainError, match="already uses YaRN"):  # extending an extended checkpoint again
         _stage(data_dir, lc, tmp_path / "f", "--original-context", "256", "--seq-len", "512")
+
+
+def test_eval_cli_on_a_long_context_run(data_dir, base_run, tmp_path, capsys):
+    from mellum2.eval.cli import main as eval_main
+
+    lc = _stage(data_dir, base_run, tmp_path / "lc", "--max-steps", "1")
+    src = tmp_path / "src" / "pkg"
+    src.mkdir(parents=True)
+    for m in ("textwrap.py", "string.py", "shlex.py"):
+        shutil.copy(STDLIB / m, src / m)
+    capsys.readouterr()
+    assert eval_main(["passkey", "--model", str(lc), "--lengths", "64,256", "--depths", "0,1", "--samples", "2",
+                      "--json", str(tmp_path / "pk.json")]) == 0
+    pk = json.loads((tmp_path / "pk.json").read_text())
+    assert set(pk["by_length"]) == {"64", "256"} and all(0 <= v <= 1 for v in pk["by_length"].values())
+    assert set(pk["grid"]) == {"64@0.0", "64@1.0", "256@0.0", "256@1.0"}
+    assert "native context 64" in capsys.readouterr().out  # the YaRN original length, not the extended one
+    assert eval_main(["ppl-by-position", "--model", str(lc), "--length", "256", "--n", "2", "--first-bucket", "32",
+                      "--source", str(tmp_path / "src"), "--json", str(tmp_path / "ppl.json")]) == 0
+    rows = json.loads((tmp_path / "ppl.json").read_text())["buckets"]
+    assert [(r["from"], r["to"]) for r in rows] == [(0, 32), (32, 64), (64, 128), (128, 256)]
+    assert all(1 < r["ppl"] < 1e4 for r in rows)
+    assert eval_main(["passkey", "--model", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: no config.json" in capsys.readouterr().err

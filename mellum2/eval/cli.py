@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="task", required=True)
     for name in ("passkey", "ppl-by-position"):
         p = sub.add_parser(name)
-        p.add_argument("--model", required=True, help="checkpoint directory")
+        p.add_argument("--model", required=True, help="checkpoint directory or training run directory")
         p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else the corpus's)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         p.add_argument("--json", help="also write the results to this file")
@@ -77,10 +77,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from ..model import load_pretrained
+    from ..infer.api import resolve_model_dir
+    from ..model import CheckpointError, ConfigError, load_pretrained
 
-    model = load_pretrained(a.model, dtype=a.dtype, mtp=False)
-    tok = load_tokenizer(a.model, a.tokenizer)
+    try:
+        model = load_pretrained(resolve_model_dir(a.model), dtype=a.dtype, mtp=False)
+        tok = load_tokenizer(a.model, a.tokenizer)
+    except (FileNotFoundError, CheckpointError, ConfigError) as e:
+        print(f"mellum2 eval {a.task}: error: {e}", file=sys.stderr)
+        return 1
     torch.manual_seed(0)
     if a.task == "passkey":
         from . import passkey
