@@ -160,6 +160,7 @@ def test_eval_cli_on_a_long_context_run(data_dir, base_run, tmp_path, capsys):
     pk = json.loads((tmp_path / "pk.json").read_text())
     assert set(pk["by_length"]) == {"64", "256"} and all(0 <= v <= 1 for v in pk["by_length"].values())
     assert set(pk["grid"]) == {"64@0.0", "64@1.0", "256@0.0", "256@1.0"}
+    assert set(pk["token_acc_by_length"]) == set(pk["nll_by_length"]) == {"64", "256"}
     assert "native context 64" in capsys.readouterr().out  # the YaRN original length, not the extended one
     assert eval_main(["ppl-by-position", "--model", str(lc), "--length", "256", "--n", "2", "--first-bucket", "32",
                       "--source", str(tmp_path / "src"), "--json", str(tmp_path / "ppl.json")]) == 0

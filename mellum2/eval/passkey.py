@@ -45,22 +45,38 @@ def make_sample(tok, length: int, depth: float, rng: random.Random, digits: int 
 
 
 @torch.no_grad()
-def score(model, sample: Sample) -> bool:
+def answer_stats(model, sample: Sample) -> dict:
+    """Teacher-forced statistics of the answer: `exact` (greedy generation would emit all of it),
+    `token_acc` (share of answer tokens that are the argmax; digits are single tokens, chance ~0.1)
+    and `nll` (mean negative log-likelihood per answer token; ln 10 = 2.30 is a uniform digit guess).
+    The graded two separate "retrieves a bit" from "retrieves nothing" when exact accuracy is 0."""
     ids = torch.tensor([sample.ids])
     h, _ = model.trunk(ids[:, :-1])
-    logits = model.head(h[:, -sample.n_answer:])  # predictions for the answer tokens only
-    return bool((logits.argmax(-1)[0] == ids[0, -sample.n_answer:]).all())
+    logits = model.head(h[:, -sample.n_answer:]).float()[0]  # predictions for the answer tokens only
+    target = ids[0, -sample.n_answer:]
+    hit = logits.argmax(-1) == target
+    nll = torch.nn.functional.cross_entropy(logits, target)
+    return {"exact": bool(hit.all()), "token_acc": hit.float().mean().item(), "nll": nll.item()}
+
+
+def score(model, sample: Sample) -> bool:
+    """True iff greedy decoding would produce the whole answer."""
+    return answer_stats(model, sample)["exact"]
 
 
 def run(model, tok, lengths, depths, samples: int = 5, seed: int = 0, progress=None) -> dict:
-    """Accuracy per (length, depth) and per length."""
+    """Exact accuracy per (length, depth) and per length, plus the graded answer statistics per length."""
     rng = random.Random(seed)
-    grid = {}
+    grid, graded = {}, {}
     for L in lengths:
         for d in depths:
-            ok = [score(model, make_sample(tok, L, d, rng)) for _ in range(samples)]
-            grid[(L, d)] = sum(ok) / len(ok)
+            st = [answer_stats(model, make_sample(tok, L, d, rng)) for _ in range(samples)]
+            grid[(L, d)] = sum(s["exact"] for s in st) / len(st)
+            graded.setdefault(L, []).extend(st)
             if progress:
                 progress(L, d, grid[(L, d)])
     by_len = {L: sum(grid[(L, d)] for d in depths) / len(depths) for L in lengths}
-    return {"grid": {f"{L}@{d}": a for (L, d), a in grid.items()}, "by_length": by_len}
+    mean = lambda L, k: sum(s[k] for s in graded[L]) / len(graded[L])  # noqa: E731
+    return {"grid": {f"{L}@{d}": a for (L, d), a in grid.items()}, "by_length": by_len,
+            "token_acc_by_length": {L: mean(L, "token_acc") for L in lengths},
+            "nll_by_length": {L: mean(L, "nll") for L in lengths}}
