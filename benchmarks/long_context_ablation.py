@@ -96,8 +96,8 @@ def main():
           f"tokens, YaRN factor {a.factor:g} (extended context {ext}); `selective` = YaRN on the full-attention "
           f"layers only (Mellum 2), `all-layers` = YaRN everywhere, `unchanged` = plain RoPE everywhere.", ""]
     for key, title, fmt in (("passkey", "Passkey: exact greedy retrieval", "{:.2f}"),
-                            ("passkey_token_acc", "Passkey: answer-token accuracy (teacher forced, chance ~0.1)", "{:.2f}"),
-                            ("passkey_nll", "Passkey: answer NLL per token (uniform digit guess 2.30)", "{:.2f}")):
+                            ("passkey_token_acc", "Passkey: digit accuracy (teacher forced, chance 0.1)", "{:.2f}"),
+                            ("passkey_nll", "Passkey: NLL per digit (uniform guess 2.30)", "{:.2f}")):
         md += [f"{title}, by prompt length (5 depths x {a.samples} samples):", "",
                "| model | " + cols + " |", "|---|" + "---|" * len(lengths)]
         for name, r in results.items():

@@ -80,12 +80,15 @@ def test_passkey_scoring_is_exact_greedy():
     assert not passkey.score(_Oracle(s.ids, wrong_at=len(s.ids) - 3), s)  # one answer digit wrong
     assert passkey.score(_Oracle(s.ids, wrong_at=10), s)  # a mistake in the filler does not matter
     good, bad = passkey.answer_stats(_Oracle(s.ids), s), passkey.answer_stats(_Oracle(s.ids, wrong_at=len(s.ids) - 3), s)
-    n = s.n_answer
+    n = s.n_key
+    assert n == s.n_answer - 1 == 5  # the number's digits, then "."
     assert good["token_acc"] == 1.0 and bad["token_acc"] == pytest.approx((n - 1) / n)
     # the oracle's logits are 10 on one id out of 300: nll = ln(e^10 + 299) - 10 when right, that + 10 when wrong
     right = torch.logsumexp(torch.tensor([10.0] + [0.0] * 299), 0).item() - 10
     assert good["nll"] == pytest.approx(right, rel=1e-4)
     assert bad["nll"] == pytest.approx(right + 10 / n, rel=1e-4)
+    dot = passkey.answer_stats(_Oracle(s.ids, wrong_at=len(s.ids) - 2), s)  # only the closing "." wrong
+    assert dot["token_acc"] == 1.0 and not dot["exact"]
 
 
 def test_nll_by_position_equals_cross_entropy():

@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"passkey accuracy ({a.samples} samples per cell, native context "
               f"{model.cfg.rope_parameters['full_attention'].get('original_max_position_embeddings', model.cfg.max_position_embeddings)}):")
         for L, acc in res["by_length"].items():
-            print(f"  {L:>6} tokens: {acc:.2f}   answer-token accuracy {res['token_acc_by_length'][L]:.2f}, "
-                  f"answer nll {res['nll_by_length'][L]:.2f}")
+            print(f"  {L:>6} tokens: {acc:.2f}   digit accuracy {res['token_acc_by_length'][L]:.2f}, "
+                  f"digit nll {res['nll_by_length'][L]:.2f}")
     else:
         from . import longdata, ppl
 

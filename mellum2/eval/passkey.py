@@ -21,6 +21,7 @@ QUESTION = "What is the pass key? The pass key is "
 class Sample:
     ids: list[int]  # prompt + answer
     n_answer: int  # the last n_answer ids are the answer
+    n_key: int  # the first n_key of those are the number itself (the rest: the closing ".")
     length: int
     depth: float
     key: str
@@ -41,22 +42,25 @@ def make_sample(tok, length: int, depth: float, rng: random.Random, digits: int 
     # insert at a filler-sentence boundary so the needle is never glued to a cut word
     cut = min(round(depth * n_fill / len(filler)) * len(filler), n_fill)
     ids = hay[:cut] + needle + hay[cut:] + question + answer
-    return Sample(ids, len(answer), len(ids), depth, key)
+    key_ids = tok.encode(key)
+    n_key = len(key_ids) if answer[:len(key_ids)] == key_ids else len(answer)
+    return Sample(ids, len(answer), n_key, len(ids), depth, key)
 
 
 @torch.no_grad()
 def answer_stats(model, sample: Sample) -> dict:
     """Teacher-forced statistics of the answer: `exact` (greedy generation would emit all of it),
-    `token_acc` (share of answer tokens that are the argmax; digits are single tokens, chance ~0.1)
-    and `nll` (mean negative log-likelihood per answer token; ln 10 = 2.30 is a uniform digit guess).
-    The graded two separate "retrieves a bit" from "retrieves nothing" when exact accuracy is 0."""
+    `token_acc` (share of the number's tokens that are the argmax; digits are single tokens, so chance
+    is ~0.1) and `nll` (mean negative log-likelihood per token of the number; ln 10 = 2.30 is a uniform
+    digit guess); the closing "." counts for `exact` only. The graded two separate "retrieves a bit" from "retrieves nothing" when exact accuracy is 0."""
     ids = torch.tensor([sample.ids])
     h, _ = model.trunk(ids[:, :-1])
     logits = model.head(h[:, -sample.n_answer:]).float()[0]  # predictions for the answer tokens only
     target = ids[0, -sample.n_answer:]
     hit = logits.argmax(-1) == target
-    nll = torch.nn.functional.cross_entropy(logits, target)
-    return {"exact": bool(hit.all()), "token_acc": hit.float().mean().item(), "nll": nll.item()}
+    k = sample.n_key
+    nll = torch.nn.functional.cross_entropy(logits[:k], target[:k])
+    return {"exact": bool(hit.all()), "token_acc": hit[:k].float().mean().item(), "nll": nll.item()}
 
 
 def score(model, sample: Sample) -> bool:
