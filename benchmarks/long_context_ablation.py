@@ -75,7 +75,9 @@ def main():
                 "--seq-len", str(a.seq_len), "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
                 "--lr", str(a.lr), "--out", str(run), "--save-every", "0", "--samples", "0", "--no-progress",
                 "--log-every", "10"] + (["--resume"] if (run / "checkpoints").exists() else []))
-        times[name] = time.time() - t
+            (run / "stage_seconds.txt").write_text(f"{time.time() - t:.1f}\n")
+        f = run / "stage_seconds.txt"
+        times[name] = float(f.read_text()) if f.exists() else float("nan")
     from mellum2.eval.cli import load_tokenizer
     from mellum2.infer.api import resolve_model_dir
     from mellum2.train.long_context import extended_config, load_extended
@@ -113,7 +115,7 @@ def main():
     for name in VARIANTS:
         recs = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         md.append(f"- {name}: CE {recs[0]['ce']:.3f} -> {recs[-1]['ce']:.3f} (mean of the last 10 steps "
-                  f"{sum(r['ce'] for r in recs[-10:]) / len(recs[-10:]):.3f}), {times[name]:.0f} s")
+                  f"{sum(r['ce'] for r in recs[-10:]) / len(recs[-10:]):.3f}), stage wall time {times[name]:.0f} s")
     text = "\n".join(md)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text + "\n")
