@@ -3,7 +3,7 @@
 Steps (each a call into the stage's own module, nothing demo-specific hidden here):
   1. the `tiny` model: its accounting next to the released 12B's, and a forward pass;
   2. the embedded corpus (Python's standard library, its docs, generated math), prepared once and cached;
-  3. pre-training `tiny` with its MTP head over the three-phase curriculum (`mellum2 train`, ~17 min on 2 cores);
+  3. pre-training `tiny` with its MTP head over the three-phase curriculum (`mellum2 train`, ~20 min on 2 cores);
   4. code completion with the trained model: left to right and fill-in-the-middle, plain greedy and
      MTP self-speculative (identical output; acceptance and speed-up printed).
 Re-running continues where it stopped: a finished training run is reused, an interrupted one resumed.

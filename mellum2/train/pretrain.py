@@ -37,7 +37,7 @@ from .trainer import Trainer
 # small presets were tuned on the embedded corpus, see docs/train.md)
 DEFAULT_LR = {"mellum2-12b": 3e-4, "mellum2-12b-8k": 3e-4, "tiny": 3e-3, "test-small": 3e-3, "test-small2": 3e-3}
 
-# what the demo runs: ~1M tokens of `tiny`, about 17 minutes on 2 CPU cores (packed rows, MTP on)
+# what the demo runs: ~1M tokens of `tiny`, about 20 minutes on 2 CPU cores (packed rows, MTP on)
 DEMO_ARGS = ["--preset", "tiny", "--max-steps", "240", "--batch-size", "8", "--seq-len", "512",
              "--save-every", "80", "--log-every", "5"]
 
