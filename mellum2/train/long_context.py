@@ -59,5 +59,5 @@ def load_extended(src: Path, cfg):
         model = Mellum2(cfg)
     model = model.to_empty(device="cpu")
     model.load_state_dict(old.state_dict())  # strict: the architectures are identical
-    model.rotary.reset()  # to_empty() left the (non-buffer) tables alone; recompute them for `cfg` anyway
+    model.rotary.reset()  # its tables (plain tensors, not buffers) were built on the meta device above
     return model.train()

@@ -9,7 +9,8 @@ A linear recipe: process group -> data -> model (fresh or from the checkpoint) -
 (FP8, activation checkpointing, compile, FSDP2) -> optimisers (Muon + AdamW) -> Warmup-Hold-Decay
 over the loader's phase boundaries -> restore the training state -> loop (log, checkpoint) -> final
 checkpoint, loss plot, sample completions. `--stage long-context` swaps two pieces: the model comes
-from `--from` with its context extended (long_context.py) and the data from `LongContextLoader`. `run(argv)` returns the output directory (the demo calls it).
+from `--from` with its context extended (long_context.py) and the data from `LongContextLoader`.
+`run(argv)` returns the output directory (the demo calls it).
 """
 from __future__ import annotations
 
