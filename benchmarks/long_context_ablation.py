@@ -29,8 +29,7 @@ def evaluate(model_or_dir, lengths: list[int], ppl_len: int, samples: int, n_seq
     import torch
 
     from mellum2.eval import longdata, passkey, ppl
-    from mellum2.infer.api import resolve_model_dir
-    from mellum2.model import load_pretrained
+    from mellum2.model import load_pretrained, resolve_model_dir
 
     model = model_or_dir if not isinstance(model_or_dir, Path) else \
         load_pretrained(resolve_model_dir(model_or_dir), dtype="float32", mtp=False)
@@ -79,7 +78,7 @@ def main():
         f = run / "stage_seconds.txt"
         times[name] = float(f.read_text()) if f.exists() else float("nan")
     from mellum2.eval.cli import load_tokenizer
-    from mellum2.infer.api import resolve_model_dir
+    from mellum2.model import resolve_model_dir
     from mellum2.train.long_context import extended_config, load_extended
 
     tok = load_tokenizer(str(out / "selective"), None)

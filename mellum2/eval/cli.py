@@ -77,8 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from ..infer.api import resolve_model_dir
-    from ..model import CheckpointError, ConfigError, load_pretrained
+    from ..model import CheckpointError, ConfigError, load_pretrained, resolve_model_dir
 
     try:
         model = load_pretrained(resolve_model_dir(a.model), dtype=a.dtype, mtp=False)

@@ -52,7 +52,8 @@ def answer_stats(model, sample: Sample) -> dict:
     """Teacher-forced statistics of the answer: `exact` (greedy generation would emit all of it),
     `token_acc` (share of the number's tokens that are the argmax; digits are single tokens, so chance
     is ~0.1) and `nll` (mean negative log-likelihood per token of the number; ln 10 = 2.30 is a uniform
-    digit guess); the closing "." counts for `exact` only. The graded two separate "retrieves a bit" from "retrieves nothing" when exact accuracy is 0."""
+    digit guess); the closing "." counts for `exact` only. The graded two separate "retrieves a bit"
+    from "retrieves nothing" when exact accuracy is 0."""
     ids = torch.tensor([sample.ids])
     h, _ = model.trunk(ids[:, :-1])
     logits = model.head(h[:, -sample.n_answer:]).float()[0]  # predictions for the answer tokens only

@@ -12,25 +12,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from mellum2.model import Mellum2, load_pretrained
+from mellum2.model import Mellum2, load_pretrained, resolve_model_dir  # noqa: F401 - re-exported
 
 from .engine import Result, engine_for
 from .sampling import SamplingParams
-
-
-def resolve_model_dir(path) -> Path:
-    """A checkpoint directory, or a training run directory whose newest checkpoint holds model/."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    ckpts = sorted((p / "checkpoints").glob("step_[0-9]*")) if (p / "checkpoints").is_dir() else []
-    for c in reversed(ckpts):
-        if (c / "model" / "config.json").is_file():
-            return c / "model"
-    raise FileNotFoundError(f"{path}: no config.json there, in {path}/model or in {path}/checkpoints/step_*/model "
-                            f"(expected a checkpoint directory or a training run directory)")
 
 
 def as_model(model) -> Mellum2:

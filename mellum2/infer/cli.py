@@ -27,7 +27,7 @@ class CliError(Exception):
 
 
 def resolve_model_dir(path: str) -> Path:
-    from .api import resolve_model_dir as resolve
+    from mellum2.model import resolve_model_dir as resolve
 
     try:
         return resolve(path)

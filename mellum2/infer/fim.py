@@ -97,7 +97,7 @@ def demo_completion(model_dir_or_model, tokenizer, prompts=DEMO_PROMPTS, max_new
     directory's draft_vocab.json (from `mellum2 train-mtp`) is used unless draft_vocab is given."""
     m = as_model(model_dir_or_model)
     if draft_vocab is None and isinstance(model_dir_or_model, (str, Path)) and m.mtp is not None:
-        from .api import resolve_model_dir
+        from mellum2.model import resolve_model_dir
         from .cli import load_draft_vocab
 
         draft_vocab = load_draft_vocab(resolve_model_dir(model_dir_or_model))

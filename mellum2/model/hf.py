@@ -146,11 +146,28 @@ def check_safetensors(f: Path) -> None:
         raise CheckpointError(f"{f}: truncated safetensors file (expected {8 + n + end} bytes, found {size})")
 
 
-def load_pretrained(path, dtype=None, device="cpu", mtp: bool = True) -> Mellum2:
+def resolve_model_dir(path) -> Path:
+    """A checkpoint directory, or a training run directory whose newest checkpoint holds model/."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    ckpts = sorted((p / "checkpoints").glob("step_[0-9]*")) if (p / "checkpoints").is_dir() else []
+    for c in reversed(ckpts):
+        if (c / "model" / "config.json").is_file():
+            return c / "model"
+    raise FileNotFoundError(f"{path}: no config.json there, in {path}/model or in {path}/checkpoints/step_*/model "
+                            f"(expected a checkpoint directory or a training run directory)")
+
+
+def load_pretrained(path, dtype=None, device="cpu", mtp: bool = True, cfg: ModelConfig | None = None) -> Mellum2:
     """Load a Mellum checkpoint directory. dtype: torch dtype or name; default the checkpoint's
-    `dtype` (float32 if absent). `mtp=False` ignores MTP weights and builds no head."""
+    `dtype` (float32 if absent). `mtp=False` ignores MTP weights and builds no head. `cfg`: build the
+    model for this config instead of the checkpoint's (same tensors, e.g. its context extended with
+    `cfg.extend_context`); the weights are loaded once, straight into that model."""
     path = Path(path)
-    cfg = ModelConfig.from_hf(path)
+    cfg = cfg or ModelConfig.from_hf(path)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ConfigError(f"dtype {dtype!r} not one of {list(_DTYPES)}")

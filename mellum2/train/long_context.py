@@ -23,7 +23,7 @@ ROPE_LAYERS = {"full": ("full_attention",), "all": ("full_attention", "sliding_a
 
 
 def source_dir(path: str) -> Path:
-    from mellum2.infer.api import resolve_model_dir
+    from mellum2.model import resolve_model_dir
 
     try:
         return resolve_model_dir(path)
@@ -48,16 +48,10 @@ def extended_config(src: Path, factor: float, rope_layers: str, original: int | 
 
 
 def load_extended(src: Path, cfg):
-    """The source's weights (MTP head included when both have one) in a model built for `cfg`."""
-    from mellum2.model import CheckpointError, ConfigError, Mellum2, load_pretrained
+    """The source's weights (MTP head included), loaded once into a model built for `cfg`."""
+    from mellum2.model import CheckpointError, ConfigError, load_pretrained
 
     try:
-        old = load_pretrained(src, dtype=torch.float32, mtp=cfg.num_nextn_predict_layers > 0)
+        return load_pretrained(src, dtype=torch.float32, cfg=cfg).train()
     except (CheckpointError, ConfigError, FileNotFoundError) as e:
         raise TrainError(f"--from {src}: {e}") from None
-    with torch.device("meta"):
-        model = Mellum2(cfg)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(old.state_dict())  # strict: the architectures are identical
-    model.rotary.reset()  # its tables (plain tensors, not buffers) were built on the meta device above
-    return model.train()
