@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mellum2.allocator import keep_freed_memory  # noqa: E402
 from mellum2 import Mellum2, ModelConfig, load_pretrained  # noqa: E402
 from mellum2.infer.cli import load_draft_vocab, resolve_model_dir, resolve_tokenizer  # noqa: E402
 from mellum2.infer.engine import Engine  # noqa: E402
@@ -93,6 +94,7 @@ def agreement(a, b):
 
 
 def main(argv=None):
+    keep_freed_memory()  # mellum2/allocator.py; process-wide, so both sides of the comparison get it
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint or run directory (default: random tiny weights)")
     p.add_argument("--new-tokens", type=int, default=128)

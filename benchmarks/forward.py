@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from mellum2.allocator import keep_freed_memory  # noqa: E402
 from mellum2 import Mellum2, ModelConfig
 
 
@@ -28,6 +29,7 @@ def timeit(fn, iters):
 
 
 def main():
+    keep_freed_memory()  # mellum2/allocator.py; process-wide, so both sides of the comparison get it
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=8)

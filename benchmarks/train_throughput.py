@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mellum2.allocator import keep_freed_memory  # noqa: E402
 from mellum2 import Mellum2, ModelConfig  # noqa: E402
 from mellum2.model.accounting import flops_per_token  # noqa: E402
 
@@ -138,6 +139,7 @@ def matmul_peak(dtype, n=2048, seconds=1.0) -> float:
 
 
 def main():
+    keep_freed_memory()  # mellum2/allocator.py; process-wide, so both sides of the comparison get it
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)

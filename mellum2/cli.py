@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from mellum2.allocator import keep_freed_memory
+
 # stage -> (module, one-line help). Each module defines main(argv: list[str]) -> int | None.
 STAGES: dict[str, tuple[str, str]] = {
     "info": ("mellum2.model.info", "parameter, FLOP and KV-cache accounting of a preset or checkpoint"),
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"mellum2: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    keep_freed_memory()  # see mellum2/allocator.py: no page-fault storm per training step
     module = importlib.import_module(STAGES[stage][0])
     if stage in ("generate", "complete"):
         rest = [stage, *rest]
