@@ -7,7 +7,9 @@ orthogonalise every expert's matrix separately and the released per-expert layou
 
 Two expert paths that must agree (tests/test_moe.py): `grouped` (sort token-slots by expert, one
 `torch.nn.functional.grouped_mm` per matrix, no capacity, no dropping) and `loop` (the obvious
-per-expert reference).
+per-expert reference). On the CPU in bf16 the grouped path rounds every expert's group up to a
+multiple of a few rows (`Experts.pad_of`): oneDNN compiles a kernel per new GEMM shape, and a
+training step's routing is new every step.
 
 Legend: T tokens, D model width, E experts, K top-k, I expert width, S = T*K routed slots.
 """
@@ -54,6 +56,7 @@ class Experts(nn.Module):
         self.impl = "grouped"  # or "loop" (the reference)
         # the grouped matmul (x_SK, w_EKN, offs_E) -> y_SN; train/fp8.py swaps in an FP8 version
         self.gmm = F.grouped_mm
+        self.max_pad = 64  # see pad_of
 
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         return (self.grouped if self.impl == "grouped" else self.loop)(x_TD, ids_TK, w_TK)
@@ -63,16 +66,33 @@ class Experts(nn.Module):
         D = x_TD.shape[1]
         dt = _compute_dtype(x_TD)
         ids_S = ids_TK.reshape(-1)  # slot s = t * K + k
-        order_S = ids_S.argsort(stable=True)  # slots sorted by expert
-        inv_S = torch.empty_like(order_S).index_copy_(0, order_S, torch.arange(order_S.numel(), device=ids_S.device))
-        offs_E = torch.bincount(ids_S, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        x_SD = x_TD.to(dt)[:, None].expand(T, K, D).reshape(T * K, D)  # each token once per slot
-        x_SD = PermuteRows.apply(x_SD, order_S, inv_S)  # grouped by expert
-        g_SI = self.gmm(x_SD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
-        u_SI = self.gmm(x_SD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
-        y_SD = self.gmm(F.silu(g_SI) * u_SI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
-        y_TKD = PermuteRows.apply(y_SD, inv_S, order_S).view(T, K, D)  # back to slot order
+        pad = self.pad_of(x_TD.device, dt, ids_S.numel())
+        rows, offs_E, dest_S = group_layout(ids_S, self.num_experts, pad)
+        # one gather builds the expert-grouped input: row r holds the token of the slot placed there,
+        # or the appended zero row (index T) for padding
+        src_R = torch.full((rows,), T, dtype=torch.long, device=x_TD.device)
+        src_R[dest_S] = torch.arange(T * K, device=x_TD.device) // K
+        x_RD = torch.cat([x_TD.to(dt), x_TD.new_zeros(1, D, dtype=dt)]).index_select(0, src_R)
+        g_RI = self.gmm(x_RD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
+        u_RI = self.gmm(x_RD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
+        y_RD = self.gmm(F.silu(g_RI) * u_RI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
+        y_TKD = y_RD.index_select(0, dest_S).view(T, K, D)  # back to slot order
         return (y_TKD * w_TK.to(dt)[..., None]).sum(1)
+
+    def pad_of(self, device, dt, S: int) -> int:
+        """Rows per expert group are rounded up to a multiple of this (1: no padding). On the CPU,
+        oneDNN compiles a new bf16 GEMM kernel for every new row count (~1.6 ms each here); routing
+        changes every training step, so without padding a `tiny` step spent ~1.5 s compiling ~1,000
+        kernels. With counts rounded to multiples of `pad` the shapes recur and the kernels are
+        cached. The padding is at most E * (pad - 1) rows, kept under 1/8 of the S slots. fp32
+        (MKL, nothing compiled per shape), GPUs and the FP8 matmul (whose scales must not see the
+        unwritten rows past the last group) do not pad."""
+        if device.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or self.gmm is not F.grouped_mm:
+            return 1
+        pad = 1
+        while pad < self.max_pad and self.num_experts * (2 * pad - 1) * 8 <= S:
+            pad *= 2
+        return pad
 
     def loop(self, x_TD, ids_TK, w_TK):
         dt = _compute_dtype(x_TD)
@@ -88,18 +108,29 @@ class Experts(nn.Module):
         return out_TD
 
 
-class PermuteRows(torch.autograd.Function):
-    """y = x[perm] for a permutation; the backward is the inverse gather (no scatter-add)."""
+def group_layout(ids_S: torch.Tensor, num_experts: int, pad: int = 1):
+    """Where each routed slot goes in the expert-grouped buffer of grouped_mm.
 
-    @staticmethod
-    def forward(ctx, x, perm, inv):
-        ctx.save_for_backward(inv)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx, g):
-        (inv,) = ctx.saved_tensors
-        return g[inv], None, None
+    Returns (rows, offs_E, dest_S): the buffer's row count, the int32 end offset of each expert's
+    group (grouped_mm's `offs`), and the row of every slot (slots in their original t * K + k order).
+    Slots of one expert are contiguous, in slot order (a stable sort). With pad > 1 each group's
+    length is rounded up to a multiple of `pad` (the extra rows read the zero row); rows is then the
+    fixed bound S + E * (pad - 1), and the rows past the last group belong to no group (grouped_mm
+    leaves them unwritten, and nothing reads them back)."""
+    S = ids_S.numel()
+    order_S = ids_S.argsort(stable=True)  # slots sorted by expert
+    counts_E = torch.bincount(ids_S, minlength=num_experts)
+    if pad == 1:
+        dest_S = torch.empty_like(order_S).index_copy_(0, order_S, torch.arange(S, device=ids_S.device))
+        return S, counts_E.cumsum(0).to(torch.int32), dest_S
+    size_E = (counts_E + pad - 1) // pad * pad
+    end_E = size_E.cumsum(0)
+    # a sorted slot's row = its group's padded start + its rank inside the group
+    e_sorted = ids_S.index_select(0, order_S)
+    rank = torch.arange(S, device=ids_S.device) - (counts_E.cumsum(0) - counts_E).index_select(0, e_sorted)
+    rows_sorted = (end_E - size_E).index_select(0, e_sorted) + rank
+    dest_S = torch.empty_like(order_S).index_copy_(0, order_S, rows_sorted)
+    return S + num_experts * (pad - 1), end_E.to(torch.int32), dest_S
 
 
 class MoE(nn.Module):

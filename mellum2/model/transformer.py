@@ -84,6 +84,7 @@ class Mellum2(nn.Module):
         self.mtp = MTP(cfg) if cfg.num_nextn_predict_layers else None
         self.rotary = Rotary(cfg)
         self.count_reducer = None  # e.g. all-reduce of routed-slot counts over ranks (global-batch LB)
+        self.ce = shifted_ce  # train/parallel.py swaps in a compiled version (fused cast + log-softmax)
         if not self.lm_head.weight.is_meta:
             init_weights(self)
 
@@ -131,11 +132,11 @@ class Mellum2(nn.Module):
 
     def _losses(self, out: Output, labels_BT: torch.Tensor) -> None:
         cfg = self.cfg
-        ce, n = shifted_ce(out.logits, labels_BT, 1)
+        ce, n = self.ce(out.logits, labels_BT, 1)
         losses = {"ce": ce}
         total = ce
         if out.mtp_logits is not None:
-            losses["mtp"], _ = shifted_ce(out.mtp_logits, labels_BT, 2)
+            losses["mtp"], _ = self.ce(out.mtp_logits, labels_BT, 2)
             total = total + cfg.mtp_loss_weight * losses["mtp"]
         if out.routers:
             losses["lb"] = load_balance_loss(out.routers, cfg.num_experts, self.count_reducer)

@@ -5,8 +5,10 @@ checkpointing -> torch.compile -> FSDP2.
 - FP8 (train/fp8.py) first, so the later wrappers see the converted modules.
 - Activation checkpointing per decoder layer (trunk and MTP), via torch's composable `checkpoint`,
   which installs hooks instead of a wrapper, so parameter names (= checkpoint keys) do not change.
-- torch.compile per decoder layer (`module.compile()`, again name-preserving). Layers, not the whole
-  model: the loss, the router statistics and the count all-reduce stay eager. torch's grouped_mm has
+- torch.compile per decoder layer (`module.compile()`, again name-preserving) and of the shifted
+  cross-entropy (`model.ce`: slice, fp32 cast and log-softmax over [tokens, vocab] in one fused pass
+  instead of three full copies). Not the whole model: the router statistics and the count
+  all-reduce stay eager. torch's grouped_mm has
   no fp32 kernel under compile, so in fp32 each `experts.gmm` is wrapped in
   `torch.compiler.disable` (a graph break around the expert matmuls; bf16 compiles them whole).
 - FSDP2 `fully_shard` per decoder layer, then the root (embedding, head, norms, MTP fc). Parameters
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mellum2.model.transformer import shifted_ce
 
 
 @dataclass
@@ -101,6 +105,8 @@ def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto",
                     m.gmm = torch.compiler.disable(m.gmm)
         for layer in decoder_layers(model):
             layer.compile()
+        # the loss: slicing, the fp32 cast and log-softmax over [tokens, vocab] fuse into one pass
+        model.ce = torch.compile(shifted_ce, dynamic=False)
         applied["compile"] = len(decoder_layers(model))
     if d.enabled:
         from torch.distributed.fsdp import fully_shard
