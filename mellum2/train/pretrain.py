@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from mellum2.allocator import keep_freed_memory
+
 from . import checkpoint as ckpt
 from .data import make_loader
 from .errors import TrainError, TrainingDiverged
@@ -298,6 +300,7 @@ def run(argv: list[str] | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # also when started as `torchrun -m mellum2.train.pretrain` (not via the CLI)
     try:
         pretrain(args)
         return 0
