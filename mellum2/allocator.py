@@ -11,7 +11,7 @@ thresholds raised, freed blocks stay in the heap and are reused: ~0 faults, syst
 `keep_freed_memory()` raises them once per process (glibc only; elsewhere it does nothing). The cost:
 the process's resident size stays at its peak instead of shrinking between steps. The `mellum2` CLI
 calls it at start; the benchmarks call it for both sides of every comparison. Set
-`MELLUM2_MALLOC=default` to leave glibc's defaults alone. (The usual alternative is to LD_PRELOAD
+`MELLUM2_MALLOC=default` to leave glibc's defaults alone (`keep`, the default, or unset: tune). (The usual alternative is to LD_PRELOAD
 jemalloc or tcmalloc, which needs a library this project cannot assume.)
 """
 from __future__ import annotations
@@ -33,7 +33,10 @@ def keep_freed_memory() -> bool:
     if _done is not None:
         return _done
     _done = False
-    if os.environ.get("MELLUM2_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+    mode = os.environ.get("MELLUM2_MALLOC", "keep").strip().lower() or "keep"
+    if mode not in ("keep", "default"):
+        print(f"mellum2: MELLUM2_MALLOC={mode!r} is not 'keep' or 'default'; using 'keep'", file=sys.stderr)
+    if mode == "default" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -37,3 +37,10 @@ def test_freed_tensors_are_reused_without_page_faults():
     off, faults_default = probe({"MELLUM2_MALLOC": "default"})
     assert not off
     assert faults_default > pages // 2, faults_default  # glibc's defaults: every step faults again
+
+
+def test_unknown_setting_is_named_and_the_default_used():
+    env = {**os.environ, "MELLUM2_MALLOC": "bogus"}
+    r = subprocess.run([sys.executable, "-c", "from mellum2.allocator import keep_freed_memory; keep_freed_memory()"],
+                       capture_output=True, text=True, env=env, check=True)
+    assert "MELLUM2_MALLOC='bogus'" in r.stderr and "'keep'" in r.stderr
