@@ -110,7 +110,7 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
     try:
         from mellum2.data.loader import Loader
     except ImportError as e:
-        raise TrainError(f"mellum2 train: the data pipeline (mellum2.data.loader) is not available ({e}); "
+        raise TrainError(f"the data pipeline (mellum2.data.loader) is not available ({e}); "
                          f"pass --data synthetic to train on the built-in synthetic corpus") from None
     if data is None:
         from mellum2.data import ensure_default_data
@@ -119,7 +119,7 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
     else:
         data_dir = Path(data)
         if not data_dir.is_dir():
-            raise TrainError(f"mellum2 train: --data {data}: no such directory (expected a prepared data "
+            raise TrainError(f"--data {data}: no such directory (expected a prepared data "
                              f"directory from `mellum2 data`, or 'synthetic')")
     if long_context is not None:
         from mellum2.data.longctx import LongContextLoader
