@@ -45,14 +45,29 @@ def test_fast_matches_reference(preset, moe, step):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-5)
 
 
-def test_fast_matches_reference_bf16():
+@pytest.mark.parametrize("rows,step", [(2, 1), (1, 1), (1, 3)])
+def test_fast_matches_reference_bf16(rows, step):
+    """bf16: batch 1 with one token a step runs every matmul with oneDNN off, 3 tokens a step only the
+    per-expert ones (forward._one_row_gemms); the process-wide switch is back on afterwards."""
     torch.manual_seed(0)
     m = Mellum2(ModelConfig.from_preset("test-small")).eval().to(torch.bfloat16)
-    ids = torch.randint(3, m.cfg.vocab_size, (2, 30))
-    ref = _run(Reference(m), m, ids, 9, 1, 12)
-    fast = _run(Fast(m), m, ids, 9, 1, 12)
+    ids = torch.randint(3, m.cfg.vocab_size, (rows, 9 + 12 * step + 2))
+    ref = _run(Reference(m), m, ids, 9, step, 12)
+    assert torch._C._get_mkldnn_enabled()
+    fast = _run(Fast(m), m, ids, 9, step, 12)
+    assert torch._C._get_mkldnn_enabled()
     for a, b in zip(ref, fast):  # bf16 rounding happens at slightly different places
         assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_one_row_gemms_restores_onednn_on_error():
+    from mellum2.infer.forward import _one_row_gemms
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with _one_row_gemms(True):
+            assert not torch._C._get_mkldnn_enabled()
+            raise RuntimeError("boom")
+    assert torch._C._get_mkldnn_enabled()
 
 
 def test_refresh_sees_new_weights():

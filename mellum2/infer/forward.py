@@ -7,7 +7,8 @@ the input norm's weight folded in, q-norm and k-norm as one norm over the concat
 on pre-transposed views with the residual add fused (addmm), RoPE gathered from a per-position table
 the model's own Rotary computed, a 3-4 op RMSNorm, k/v written in place by the cache, and MoE paths
 for a handful of tokens that run only the chosen experts (`moe_host` on a CPU, `moe_gather` without
-host syncs for CUDA graphs). Nothing in mellum2/model changes; tests/test_infer_forward.py checks
+host syncs for CUDA graphs). In bf16 on a CPU, one-row matmuls run on PyTorch's own BLAS kernels
+instead of oneDNN's (see `_one_row_gemms`). Nothing in mellum2/model changes; tests/test_infer_forward.py checks
 `Fast` against `Reference` (and so against `model(...)`).
 
 Both expose the same calls, each one cache step:
@@ -24,6 +25,8 @@ N = B*T tokens flattened, I expert width, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +37,29 @@ from .kvcache import KVCache
 
 
 MOE_IMPLS = ("auto", "host", "gather", "grouped")
+
+
+@contextlib.contextmanager
+def _one_row_gemms(on: bool):
+    """While active (and `on`), CPU matmuls skip oneDNN and run on PyTorch's own BLAS kernels.
+
+    Measured on this 2-core AVX-512 CPU, one thread, bf16 [1, in] @ [in, out]: oneDNN costs a floor of
+    ~24 us a call whatever the size (7 us for a 256x128 weight without it; 22 vs 35 us at 256x512;
+    381 vs 437 us for the 256x8192 LM head), while PyTorch's kernel costs grow with the rows (one dot
+    product per output: at 2+ rows oneDNN wins). So a one-token step in bf16 runs with oneDNN off, and
+    a step of more tokens turns it off around the per-expert matmuls of `moe_host` only (one row each).
+    Same dtypes in and out, fp32 accumulation in both. oneDNN's switch is process-global: it is
+    restored on exit (also on errors); fp32 never goes through oneDNN here (MKL sgemm), so fp32 is
+    untouched."""
+    if not on:
+        yield
+        return
+    prev = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(prev)
 
 
 class Reference:
@@ -116,6 +142,7 @@ class Fast:
             self.layers = [_Layer(layer, self.cfg) for layer in m.model.layers]
             self.mtp_layer = _Layer(m.mtp.layers[0], self.cfg) if m.mtp is not None else None
         self.dtype = m.lm_head.weight.dtype
+        self._bf16_cpu = self.dtype == torch.bfloat16 and m.lm_head.weight.device.type == "cpu"
         self.w_headT = m.lm_head.weight.detach().t()
         # layer types whose rotary tables are identical share one gathered cos/sin per step
         tabs = m.rotary.tables
@@ -168,8 +195,10 @@ class Fast:
         N = x_ND.shape[0]
         impl = self.moe_impl
         if impl == "auto":
-            # measured on one tiny layer: host beats grouped_mm up to 8 tokens in fp32, up to 4 in bf16
-            few = 8 if x_ND.dtype == torch.float32 else 4
+            # measured on a trained tiny, batch-B decode steps (trunk + head, 1 thread, ms per step):
+            # host vs grouped fp32 B=4 7.2/8.4, B=8 11.5/11.1, B=16 17.1/15.7; bf16 (one-row experts
+            # without oneDNN) 8.1/11.8, 12.7/15.0, 17.1/17.5
+            few = 8
             impl = ("host" if x_ND.device.type == "cpu" else "gather") if N <= few else "grouped"
         if impl == "host":
             return moe_host(L, h_ND, ids_NK, w_NK, x_ND)
@@ -179,6 +208,10 @@ class Fast:
 
     # ------------------------------------------------------------------ the three calls
     def trunk(self, ids_BT, pos_BT, cache: KVCache, valid_BT=None, hi=None):
+        with _one_row_gemms(self._bf16_cpu and ids_BT.numel() == 1):
+            return self._trunk(ids_BT, pos_BT, cache, valid_BT, hi)
+
+    def _trunk(self, ids_BT, pos_BT, cache: KVCache, valid_BT=None, hi=None):
         cache.begin(pos_BT, valid_BT, hi)
         B, T = ids_BT.shape
         x = F.embedding(ids_BT.reshape(-1), self.model.model.embed_tokens.weight)
@@ -190,10 +223,15 @@ class Fast:
 
     def head(self, h_BTD):
         m = self.model
-        return torch.mm(self._rms(h_BTD.reshape(-1, h_BTD.shape[-1]), m.model.norm.weight), self.w_headT).float().view(
+        with _one_row_gemms(self._bf16_cpu and h_BTD[..., 0].numel() == 1):
+            return torch.mm(self._rms(h_BTD.reshape(-1, h_BTD.shape[-1]), m.model.norm.weight), self.w_headT).float().view(
             *h_BTD.shape[:-1], -1)
 
     def mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None):
+        with _one_row_gemms(self._bf16_cpu and next_ids_BT.numel() == 1):
+            return self._mtp(h_BTD, next_ids_BT, pos_BT, cache, hi)
+
+    def _mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None):
         cache.begin(pos_BT, hi=hi, ring=False)
         m, mt, D = self.model, self.model.mtp, h_BTD.shape[-1]
         e = self._rms(F.embedding(next_ids_BT, m.model.embed_tokens.weight), mt.pre_fc_norm_embedding.weight)
@@ -208,7 +246,8 @@ class Fast:
         """The MTP head's logits; draft=True with a draft vocabulary set: over those ids only."""
         m = self.model
         w = self.w_draft if draft and self.w_draft is not None else m.lm_head.weight
-        return torch.mm(self._rms(y_BTD.reshape(-1, y_BTD.shape[-1]), m.mtp.norm.weight), w.t()).float().view(
+        with _one_row_gemms(self._bf16_cpu and y_BTD[..., 0].numel() == 1):
+            return torch.mm(self._rms(y_BTD.reshape(-1, y_BTD.shape[-1]), m.mtp.norm.weight), w.t()).float().view(
             *y_BTD.shape[:-1], -1)
 
     def set_draft_vocab(self, ids) -> None:
@@ -226,12 +265,13 @@ def moe_host(L: _Layer, h_ND, ids_NK, w_NK, res_ND):
     matmuls on views of its weights: no sort, no counts, no weight copies, 5 ops per (token, expert)."""
     ids, ws = ids_NK.tolist(), w_NK.tolist()
     out = []
-    for n in range(len(ids)):
-        x_1D, y = h_ND[n:n + 1], res_ND[n:n + 1]
-        for e, w in zip(ids[n], ws[n]):
-            a = F.silu(torch.mm(x_1D, L.gT[e])).mul_(torch.mm(x_1D, L.uT[e]))
-            y = torch.addmm(y, a, L.dT[e], alpha=w)  # y + w * (a @ down^T): the routing weight for free
-        out.append(y)
+    with _one_row_gemms(h_ND.dtype == torch.bfloat16):
+        for n in range(len(ids)):
+            x_1D, y = h_ND[n:n + 1], res_ND[n:n + 1]
+            for e, w in zip(ids[n], ws[n]):
+                a = F.silu(torch.mm(x_1D, L.gT[e])).mul_(torch.mm(x_1D, L.uT[e]))
+                y = torch.addmm(y, a, L.dT[e], alpha=w)  # y + w * (a @ down^T): the routing weight for free
+            out.append(y)
     return out[0] if len(out) == 1 else torch.cat(out)
 
 

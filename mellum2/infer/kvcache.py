@@ -92,7 +92,7 @@ class KVCache:
         s.hi = self.capacity if hi is None else max(1, min(hi, self.capacity))
         q_BT1 = pos_BT[:, :, None]
         # full layers: slot = position; a query sees every slot at or before its position
-        s.full_idx = _expand_idx(pos_BT, self.k[0].shape)
+        s.full_idx = self._rows(pos_BT, self.capacity)
         dist_BTS = q_BT1 - self.slots_S[None, None, : s.hi]
         s.full_mask = self._additive((dist_BTS >= 0)[:, None])  # [B, 1, T, S]
         # a sliding layer whose window covers the whole capacity lives in a full buffer, plus a window
@@ -107,7 +107,7 @@ class KVCache:
             self._empty = False
             if not s.overflow:
                 ring_BT = pos_BT % R
-                s.ring_idx = _expand_idx(ring_BT, self.k[0].shape)
+                s.ring_idx = self._rows(ring_BT, R)
                 self.ring_pos_BR.scatter_(1, ring_BT, pos_BT)
                 d_BTR = q_BT1 - self.ring_pos_BR[:, None, :]  # empty slots hold a far-away position: d >= W
                 s.ring_mask = self._additive(((d_BTR >= 0) & (d_BTR < W))[:, None])
@@ -128,6 +128,13 @@ class KVCache:
                 s.keep_slots = pos_BT[s.keep_rows, s.keep_t] % R
                 self.ring_pos_BR[s.keep_rows, s.keep_slots] = pos_BT[s.keep_rows, s.keep_t]
         self._step = s
+
+    def _rows(self, slot_BT, S):
+        """Row indices [B*G*T] into a [B, G, S, d] buffer viewed as [B*G*S, d], in k's (b, g, t) order."""
+        B, T = slot_BT.shape
+        G = self.cfg.num_key_value_heads
+        base_BG1 = (torch.arange(B * G, device=slot_BT.device) * S).view(B, G, 1)
+        return (base_BG1 + slot_BT[:, None, :]).reshape(-1)
 
     def _additive(self, mask_bool):
         """0 where attended, -inf elsewhere, in the attention dtype (SDPA then skips its own conversion)."""
@@ -159,17 +166,13 @@ class _Step:
                  "keep_rows", "keep_t", "keep_slots")
 
 
-def _expand_idx(slot_BT, shape_BGSd):
-    """scatter_ index [B, G, T, d] (an expanded view) for writing T tokens per row at slot_BT."""
-    B, G, _, d = shape_BGSd
-    return slot_BT[:, None, :, None].expand(B, G, slot_BT.shape[1], d)
-
-
-def write(K_BGSd, V_BGSd, idx_BGTd, k_BGTd, v_BGTd) -> None:
-    """Store k/v of T tokens at per-row slots, in place (one scatter per tensor, no host sync)."""
-    idx = idx_BGTd
-    K_BGSd.scatter_(2, idx, k_BGTd.to(K_BGSd.dtype))
-    V_BGSd.scatter_(2, idx, v_BGTd.to(V_BGSd.dtype))
+def write(K_BGSd, V_BGSd, rows, k_BGTd, v_BGTd) -> None:
+    """Store k/v of T tokens at per-row slots, in place, no host sync: one index_copy_ per tensor over
+    the buffer viewed as [B*G*S, d] (`KVCache._rows`). Not scatter_: on a CPU a bf16 scatter_ costs
+    ~30 us for one token's 2 x 64 values, index_copy_ ~2.4 us (fp32 scatter_ ~1.6 us)."""
+    d = K_BGSd.shape[-1]
+    K_BGSd.view(-1, d).index_copy_(0, rows, k_BGTd.reshape(-1, d).to(K_BGSd.dtype))
+    V_BGSd.view(-1, d).index_copy_(0, rows, v_BGTd.reshape(-1, d).to(V_BGSd.dtype))
 
 
 def sdpa(q_BHTd, k_BGSd, v_BGSd, mask_B1TS):
