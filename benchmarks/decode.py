@@ -6,6 +6,8 @@
 Measured, for fp32 and bf16 (parameters in that dtype, no autocast, for both engines):
   - greedy tokens/s at batch 1 and batch 8, end to end (prefill included, as `generate` reports it),
     ours and transformers', with their ratio; ours also decode-only (stats.tokens_per_s);
+  - the same with Engine(compile=True) (the decode step compiled, C++ wrapper; compile time reported,
+    not counted);
   - prefill tokens/s (one forward over a 512-token prompt into the cache), ours and transformers';
   - MTP speculative vs our plain greedy at batch 1 on held-out code (Python files of site-packages,
     which the embedded corpus excludes; the prompt is the code before a cut, the model continues
@@ -109,6 +111,7 @@ def main(argv=None):
                    help="draft from the N most frequent ids (the checkpoint's draft_vocab.json if it has one, "
                         "else counted on the default data); 0: the full vocabulary")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the Engine(compile=True) rows")
     p.add_argument("--clock", choices=("wall", "cpu"), default=None,
                    help="wall time, or this process's CPU time (single-threaded runs on a shared machine: time "
                         "spent descheduled is not counted); default: cpu with --threads 1, else wall")
@@ -152,20 +155,30 @@ def main(argv=None):
         ours_generate(eng, prompts8[:1], 8)  # warm up
         if hf is not None:
             hf_generate(hf, prompts8[:1], 8)
+        engc = Engine(m, compile=True) if not args.no_compile else None
         for B in (1, 8):
             pr = prompts8[:B]
+            if engc is not None:
+                t0 = time.perf_counter()
+                ours_generate(engc, pr, 8)  # compiles the step for this batch size
+                res[f"{dname}_b{B}_compile_s"] = round(time.perf_counter() - t0, 1)
             o = best(lambda: ours_generate(eng, pr, args.new_tokens), args.repeats)
+            oc = best(lambda: ours_generate(engc, pr, args.new_tokens), args.repeats) if engc is not None else None
             h = best(lambda: hf_generate(hf, pr, args.new_tokens), args.repeats) if hf is not None else None
-            key = f"{dname}_b{B}"
-            res[key] = {"ours": round(o["tok_s"], 1), "ours_decode": round(o["decode_tok_s"], 1)}
-            line = f"{dname:5s} greedy batch {B}: ours {o['tok_s']:7.1f} tok/s (decode only {o['decode_tok_s']:7.1f})"
-            if h is not None:
-                res[key].update(hf=round(h["tok_s"], 1), ratio=round(o["tok_s"] / h["tok_s"], 2),
-                                agree=round(agreement(o["tokens"], h["tokens"]), 3))
-                line += (f"  transformers {h['tok_s']:7.1f} tok/s  ratio {o['tok_s'] / h['tok_s']:5.2f}x"
-                         f"  same tokens {res[key]['agree']:.0%}")
-            rows.append(line)
-            print(line, flush=True)
+            for name, r in (("", o), (" compiled", oc)):
+                if r is None:
+                    continue
+                key = f"{dname}_b{B}" + name.strip().replace("compiled", "_compiled")
+                res[key] = {"ours": round(r["tok_s"], 1), "ours_decode": round(r["decode_tok_s"], 1)}
+                line = (f"{dname:5s} greedy batch {B}{name:9s}: ours {r['tok_s']:7.1f} tok/s (decode only "
+                        f"{r['decode_tok_s']:7.1f})")
+                if h is not None:
+                    res[key].update(hf=round(h["tok_s"], 1), ratio=round(r["tok_s"] / h["tok_s"], 2),
+                                    agree=round(agreement(r["tokens"], h["tokens"]), 3))
+                    line += (f"  transformers {h['tok_s']:7.1f} tok/s  ratio {r['tok_s'] / h['tok_s']:5.2f}x"
+                             f"  same tokens {res[key]['agree']:.0%}")
+                rows.append(line)
+                print(line, flush=True)
         o = best(lambda: ours_prefill(eng, long_prompt), args.repeats)
         res[f"{dname}_prefill"] = {"ours": round(o["tok_s"], 1)}
         line = f"{dname:5s} prefill {len(long_prompt)} tokens: ours {o['tok_s']:8.0f} tok/s"

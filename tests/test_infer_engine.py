@@ -1,5 +1,7 @@
 """The engine against the obvious decoder (the model's full forward over the whole sequence, argmax),
 plus stop handling, logprobs, streaming, seeds, the public API and bad input."""
+import copy
+
 import pytest
 import torch
 
@@ -149,6 +151,22 @@ def test_compiled_decode_step_equals_eager(model):
     eng = Engine(model, compile=True)
     assert [r.tokens for r in eng.generate(PROMPTS, params)] == want
     assert [r.tokens for r in eng.generate(PROMPTS, params)] == want  # the compiled step is reused
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_bf16_batch1(model):
+    """bf16, one row: the compiled step runs with oneDNN off around its call (one-row matmuls); its
+    logprobs match the eager step's to bf16 rounding while the tokens agree, and oneDNN is back on."""
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
+    want = Engine(m).generate([PROMPTS[1]], params)[0]
+    got = Engine(m, compile=True).generate([PROMPTS[1]], params)[0]
+    assert torch._C._get_mkldnn_enabled()
+    same = 0
+    while same < len(want.tokens) and got.tokens[same] == want.tokens[same]:
+        same += 1
+    assert same >= 4, (got.tokens, want.tokens)
+    assert max(abs(a - b) for a, b in zip(got.logprobs[:same], want.logprobs[:same])) < 0.05
 
 
 def test_cached_engine_does_not_keep_the_model_alive():

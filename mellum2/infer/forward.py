@@ -51,7 +51,7 @@ def _one_row_gemms(on: bool):
     Same dtypes in and out, fp32 accumulation in both. oneDNN's switch is process-global: it is
     restored on exit (also on errors); fp32 never goes through oneDNN here (MKL sgemm), so fp32 is
     untouched."""
-    if not on:
+    if not on or torch.compiler.is_compiling():  # a compiled step sets it around its call instead
         yield
         return
     prev = torch._C._get_mkldnn_enabled()
@@ -194,7 +194,9 @@ class Fast:
             w_NK, ids_NK = logits_NE.softmax(-1).topk(self.cfg.num_experts_per_tok, dim=-1)
         N = x_ND.shape[0]
         impl = self.moe_impl
-        if impl == "auto":
+        if impl == "auto" and torch.compiler.is_compiling():
+            impl = "gather"  # traced into a compiled decode step: no host sync, static shapes
+        elif impl == "auto":
             # measured on a trained tiny, batch-B decode steps (trunk + head, 1 thread, ms per step):
             # host vs grouped fp32 B=4 7.2/8.4, B=8 11.5/11.1, B=16 17.1/15.7; bf16 (one-row experts
             # without oneDNN) 8.1/11.8, 12.7/15.0, 17.1/17.5
