@@ -87,3 +87,19 @@ def test_bad_moe_impl():
     m = Mellum2(ModelConfig.from_preset("test-small"))
     with pytest.raises(ValueError, match="moe must be one of"):
         Fast(m, "nope")
+
+
+def test_traced_gather_form_equals_matmul_form():
+    """The form of moe_gather that torch.compile traces (products reduced over D, then over K and I)
+    computes the same experts as the index_select + bmm form used eagerly."""
+    from mellum2.infer.forward import _Layer, _moe_gather_traced, moe_gather
+
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset("test-small")).eval()
+    L = _Layer(m.model.layers[1], m.cfg)  # a sparse layer
+    assert L.moe
+    h = torch.randn(3, m.cfg.hidden_size)
+    ids = torch.tensor([[0, 3], [2, 1], [3, 0]])
+    w = torch.rand(3, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(_moe_gather_traced(L, h, ids, w), moe_gather(L, h, ids, w), rtol=1e-5, atol=1e-6)

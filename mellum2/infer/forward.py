@@ -281,9 +281,12 @@ def moe_gather(L: _Layer, h_ND, ids_NK, w_NK):
     """SwiGLU experts for a few tokens, no host sync (capturable): each token's K chosen experts are
     gathered side by side into one [K*I, D] matrix, so a token's K experts are one matmul per kind
     (gate, up, down) instead of K: for token n, gate/up = x_n @ [W_e1; ..; W_eK]^T, and down sums
-    the K experts' outputs as one matmul over the concatenated K*I inner dimension."""
+    the K experts' outputs as one matmul over the concatenated K*I inner dimension. Traced by
+    torch.compile, the same sums take the form of `_moe_gather_traced`."""
     N, K = ids_NK.shape
     E, I, D = L.gate.shape
+    if torch.compiler.is_compiling():
+        return _moe_gather_traced(L, h_ND, ids_NK, w_NK)
     ids_S = ids_NK.reshape(-1)
     x_N1D = h_ND[:, None]
     g_N1J = torch.bmm(x_N1D, L.gate.index_select(0, ids_S).view(N, K * I, D).transpose(1, 2))  # J = K*I
@@ -291,3 +294,17 @@ def moe_gather(L: _Layer, h_ND, ids_NK, w_NK):
     a_NKI = (F.silu(g_N1J) * u_N1J).view(N, K, I) * w_NK.to(h_ND.dtype)[:, :, None]
     down_NDJ = L.down.index_select(0, ids_S).view(N, K, D, I).transpose(1, 2).reshape(N, D, K * I)
     return torch.bmm(a_NKI.view(N, 1, K * I), down_NDJ.transpose(1, 2))[:, 0]
+
+
+def _moe_gather_traced(L: _Layer, h_ND, ids_NK, w_NK):
+    """`moe_gather` as products reduced over each weight's contiguous last dimension, for inductor:
+    it fuses the expert lookup into the reduction loops, which read the chosen experts' rows in place
+    (no gathered copy, no matmul call) and accumulate in fp32. On this CPU a compiled `tiny` decode
+    step runs 1.55x (fp32) / 1.65x (bf16) faster this way than with the index_select + bmm form,
+    whose M=1 bmm inductor turns into a slow loop over gathered copies. Eager, the products would
+    be materialised ([N, K, I, D]); `moe_gather` keeps the matmul form there."""
+    x_N11D = h_ND[:, None, None, :]
+    g_NKI = (x_N11D * L.gate[ids_NK]).sum(-1)  # gate [E, I, D] -> [N, K, I, D], reduced over D
+    u_NKI = (x_N11D * L.up[ids_NK]).sum(-1)
+    a_NKI = F.silu(g_NKI) * u_NKI * w_NK.to(h_ND.dtype)[..., None]
+    return (a_NKI[:, :, None, :] * L.down[ids_NK]).sum((1, 3))  # down [E, D, I] -> [N, K, D, I]
