@@ -230,3 +230,26 @@ def test_rejection_sampling_with_a_repetition_penalty(trained):
     assert spec[0].stats.acceptance > 0.3
     stat, crit = chi2_stat([r.tokens for r in spec], exact)
     assert stat < crit, (stat, crit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3])
+def test_compiled_greedy_speculation_equals_plain_greedy(trained, k):
+    """Engine(compile=True): greedy speculation runs as one compiled graph per step (verify, accept,
+    MTP over all k+1 positions, next drafts); output identical to plain greedy, ragged batch and a
+    single row, with the window-8 rings wrapping many times."""
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+    eng = Engine(trained, compile=True)
+    for prompts in (PROMPTS, PROMPTS[1:2]):
+        want = [r.tokens for r in Engine(trained).generate(prompts, params)]
+        res = eng.generate(prompts, params, speculative=True, draft_tokens=k)
+        assert [r.tokens for r in res] == want
+        assert res[0].stats.drafted > 0 and res[0].stats.accepted > 0
+    assert any(key[:2] == ("spec", k) for key in eng._compiled)
+
+
+def test_context_buckets():
+    from mellum2.infer.engine import _bucket
+
+    assert [_bucket(h, 4096) for h in (1, 128, 129, 256, 257, 3000, 5000)] == [128, 128, 256, 256, 512, 4096, 4096]
+    assert _bucket(100, 64) == 64

@@ -159,7 +159,7 @@ class Engine:
             self.set_draft_vocab(draft_vocab)
         self._versions = self._weight_versions()
         self.compile = compile
-        self._compiled = None
+        self._compiled: dict = {}  # ("plain", hi) / ("spec", k, hi) -> a compiled step over the static cache
         self._static_cache: KVCache | None = None
 
     @property
@@ -239,35 +239,89 @@ class Engine:
         return prompts, params
 
     def _cache(self, B, capacity, k1, mtp):
-        if self.compile and k1 == 1 and not mtp:
-            cap = self.cfg.max_position_embeddings
+        cap = self.cfg.max_position_embeddings
+        if self.compile and isinstance(self.fwd, Fast) and capacity <= cap:
             c = self._static_cache
-            if c is None or c.batch != B or c.dtype != self.dtype:
-                c = self._static_cache = KVCache(self.cfg, B, cap, self.dtype, self.device)
-                self._compiled = None
+            # one static cache serves every call it is big enough for (a plain step runs on a cache
+            # built for k drafts and the MTP layer), so alternating calls do not recompile
+            if c is None or (c.batch, c.dtype) != (B, self.dtype) or c.step_tokens < k1 or (mtp and not c.has_mtp):
+                if c is not None and (c.batch, c.dtype) == (B, self.dtype):
+                    k1, mtp = max(k1, c.step_tokens), mtp or c.has_mtp
+                c = self._static_cache = KVCache(self.cfg, B, cap, self.dtype, self.device, step_tokens=k1, mtp=mtp)
+                self._compiled = {}
             c.reset()
             return c
         return KVCache(self.cfg, B, capacity, self.dtype, self.device, step_tokens=k1, mtp=mtp)
+
+    def _compile(self, fn):
+        if self.device.type == "cuda":
+            return torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
+        # a C++ wrapper calls the kernels: no Python per kernel (1.2x the Python wrapper here)
+        return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
     def _decode_fn(self, cache):
         """The plain decode step (trunk + head on one token per row); compiled when asked."""
         fwd = self.fwd
         if not self.compile or cache is not self._static_cache:
             return lambda ids, pos, hi: fwd.head(fwd.trunk(ids, pos, cache, hi=hi))
-        if self._compiled is None:
-            def step(ids, pos):
-                return fwd.head(fwd.trunk(ids, pos, cache))
-            if self.device.type == "cuda":
-                self._compiled = torch.compile(step, dynamic=False, fullgraph=True, mode="reduce-overhead")
-            else:  # a C++ wrapper calls the kernels: no Python per kernel (1.2x the Python wrapper here)
-                self._compiled = torch.compile(step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
-        c = self._compiled
         one_row = isinstance(fwd, Fast) and fwd._bf16_cpu and cache.batch == 1
 
         def run(ids, pos, hi):
+            hb = _bucket(hi, cache.capacity)
             with _one_row_gemms(one_row):
-                return c(ids, pos)
+                return self._step(("plain", hb), lambda: lambda ids, pos: fwd.head(fwd.trunk(ids, pos, cache, hi=hb)),
+                                  ids, pos)
         return run
+
+    def _spec_fn(self, cache, k: int):
+        """The greedy speculative step as one compiled graph over the static cache (None when not
+        compiling): verify [x_n, d_1..d_k], accept while drafts equal the trunk's argmax, the MTP
+        layer over all k+1 positions (the eager loop runs it over the accepted ones only; the rest
+        are rewritten before any query can see them), then the next k drafts. No host sync inside:
+        the host reads the emitted tokens and the accepted counts once per step."""
+        if not self.compile or cache is not self._static_cache:
+            return None
+        fwd = self.fwd
+
+        def make(hi):  # the step for one context bucket (a host int: static in the graph)
+            def step(tok_B1, drafts_Bk, n_B, active_B):
+                pos_BT = n_B[:, None] + torch.arange(k + 1, device=n_B.device)
+                h_BTD = fwd.trunk(torch.cat([tok_B1, drafts_Bk], 1), pos_BT, cache, hi=hi)
+                logits_BTV = fwd.head(h_BTD)
+                out_BT, m_B, _ = verify(None, logits_BTV, drafts_Bk, None)
+                y_BTD = fwd.mtp(h_BTD, out_BT, pos_BT, cache, hi=hi)
+                tok_B = gather_rows(out_BT, m_B)
+                n_B = n_B + (m_B + 1) * active_B.long()
+                drafts_Bk, _ = draft(fwd, None, cache, gather_rows(y_BTD, m_B), tok_B, n_B, k, hi=hi)
+                return out_BT, m_B, logits_BTV, tok_B[:, None], drafts_Bk, n_B
+            return step
+
+        def run(tok_B1, drafts_Bk, n_B, active_B, hi):
+            # past the last position a draft of this step writes (verify's hi + k + 1, as the eager loop)
+            hb = _bucket(hi + k + 1, cache.capacity)
+            return self._step(("spec", k, hb), lambda: make(hb), tok_B1, drafts_Bk, n_B, active_B)
+        return run
+
+    def _step(self, key, build, *args):
+        """Call the compiled step `key`, compiling build() at its first call. Every context bucket
+        recompiles the same Python function, so the first call lifts dynamo's per-function
+        recompile limit (8), which a long context's dozen buckets would exceed."""
+        fn = self._compiled.get(key)
+        if fn is not None:
+            return fn(*args)
+        fn = self._compiled[key] = self._compile(build())
+        with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+            return fn(*args)
+
+
+def _bucket(hi: int, capacity: int) -> int:
+    """The compiled steps attend over the first `bucket` slots of the full layers: hi rounded up to a
+    power of two (at least 128), at most the capacity, so a few graphs cover every context length
+    and a short context does not pay for attending over the whole static cache."""
+    b = 128
+    while b < hi:
+        b *= 2
+    return min(b, capacity)
 
 
 class Generation:
@@ -348,6 +402,8 @@ class Generation:
         # ---- decode
         t0 = time.perf_counter()
         step = eng._decode_fn(cache)
+        # greedy speculation without penalties compiles into one graph per step (see Engine._spec_fn)
+        spec_step = eng._spec_fn(cache, k) if self.speculative and sampler.plain_greedy else None
         while not all(r.done for r in self.rows):
             hi = max(n_host) + k + 1
             if not self.speculative:
@@ -358,6 +414,9 @@ class Generation:
                 n_B = n_B + active_B.long()
                 m_host = [0] * B
                 out_BT, logits_BTV = tok_B1, logits_B1V
+            elif spec_step is not None:
+                out_BT, m_B, logits_BTV, tok_B1, drafts_Bk, n_B = spec_step(tok_B1, drafts_Bk, n_B, active_B, hi)
+                m_host = m_B.tolist()
             else:
                 ids_BT = torch.cat([tok_B1, drafts_Bk], 1)
                 pos_BT = n_B[:, None] + torch.arange(k + 1, device=dev)
@@ -374,6 +433,7 @@ class Generation:
                 n_B = n_B + (m_B + 1) * active_B.long()
                 drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, gather_rows(y_BTD, m_B), tok_B1[:, 0], n_B, k,
                                          hi=hi + k + 1)
+            if self.speculative:
                 for b, r in enumerate(self.rows):
                     if not r.done:
                         self.stats.drafted += k

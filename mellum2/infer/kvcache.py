@@ -46,6 +46,7 @@ class KVCache:
             raise ValueError(f"KVCache: batch, capacity and step_tokens must be >= 1, got "
                              f"batch={batch} capacity={capacity} step_tokens={step_tokens}")
         self.cfg, self.batch, self.capacity, self.step_tokens = cfg, batch, capacity, step_tokens
+        self.has_mtp = mtp
         self.dtype, self.device = dtype, torch.device(device)
         G, d = cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window

@@ -39,7 +39,7 @@ def draft(fwd, sampler: Sampler, cache: KVCache, y_BD, tok_B, n_B, k: int, hi: i
     Returns drafts [B, k] and the draft distributions q [B, k, V] they were drawn from (None when
     every row is plain greedy: then a draft is an argmax and no distribution is materialised).
     With a draft vocabulary (fwd.draft_vocab) the head scores only those ids; q is 0 elsewhere."""
-    greedy = sampler.plain_greedy
+    greedy = sampler is None or sampler.plain_greedy  # None: the compiled greedy step (engine)
     vocab = getattr(fwd, "draft_vocab", None)
     drafts, qs = [], []
     extra = tok_B[:, None][:, :0]
