@@ -9,7 +9,7 @@ Measured, for fp32 and bf16 (parameters in that dtype, no autocast, for both eng
   - the same with Engine(compile=True) (the decode step compiled, C++ wrapper; compile time reported,
     not counted);
   - prefill tokens/s (one forward over a 512-token prompt into the cache), ours and transformers';
-  - MTP speculative vs our plain greedy at batch 1 on held-out code (Python files of site-packages,
+  - MTP speculative vs our plain greedy at batch 1 (eager; and compiled against the compiled plain step) on held-out code (Python files of site-packages,
     which the embedded corpus excludes; the prompt is the code before a cut, the model continues
     it), k = 1..3 drafts: tokens/s, acceptance, mean accepted length, and whether the output equals
     plain greedy token for token. Needs a checkpoint with an MTP head (trained: acceptance means
@@ -201,18 +201,30 @@ def main(argv=None):
             if vocab is not None:
                 ks.append(("1-fullvocab", eng))
             res["draft_vocab"] = len(vocab) if vocab is not None else cfg.vocab_size
+            # compiled: one engine (static cache, draft vocabulary) against its own compiled plain step
+            modes = [(eng, ks)]
+            if engc is not None:
+                engc.set_draft_vocab(vocab)
+                cks = [(f"{k}-compiled", engc) for k in map(int, args.draft_tokens.split(","))]
+                for _, e in cks:  # compile every step and context bucket before timing
+                    ours_generate(e, [spec_prompts[0]], args.new_tokens)
+                    for k in map(int, args.draft_tokens.split(",")):
+                        ours_generate(e, [spec_prompts[0]], args.new_tokens, speculative=True, draft_tokens=k)
+                    break
+                modes.append((engc, cks))
             for i, sp in enumerate(spec_prompts):
-                plain = best(lambda: ours_generate(eng, [sp], args.new_tokens), args.repeats)
-                for k, e in ks:
-                    kk = int(str(k).split("-")[0])
-                    s = best(lambda: ours_generate(e, [sp], args.new_tokens, speculative=True, draft_tokens=kk),
-                             args.repeats)
-                    d = spec.setdefault(k, {"plain_s": 0.0, "spec_s": 0.0, "acc": [], "len": [], "same": True})
-                    d["plain_s"] += args.new_tokens / plain["tok_s"]
-                    d["spec_s"] += args.new_tokens / s["tok_s"]
-                    d["acc"].append(s["acceptance"])
-                    d["len"].append(s["mean_accepted_length"])
-                    d["same"] &= s["tokens"] == plain["tokens"]
+                for plain_eng, kk_list in modes:
+                    plain = best(lambda: ours_generate(plain_eng, [sp], args.new_tokens), args.repeats)
+                    for k, e in kk_list:
+                        kk = int(str(k).split("-")[0])
+                        s = best(lambda: ours_generate(e, [sp], args.new_tokens, speculative=True, draft_tokens=kk),
+                                 args.repeats)
+                        d = spec.setdefault(k, {"plain_s": 0.0, "spec_s": 0.0, "acc": [], "len": [], "same": True})
+                        d["plain_s"] += args.new_tokens / plain["tok_s"]
+                        d["spec_s"] += args.new_tokens / s["tok_s"]
+                        d["acc"].append(s["acceptance"])
+                        d["len"].append(s["mean_accepted_length"])
+                        d["same"] &= s["tokens"] == plain["tokens"]
             for k, d in spec.items():
                 n = len(spec_prompts) * args.new_tokens
                 e = {"plain": round(n / d["plain_s"], 1), "spec": round(n / d["spec_s"], 1),
@@ -221,7 +233,9 @@ def main(argv=None):
                      "mean_accepted_length": round(sum(d["len"]) / len(d["len"]), 2), "identical": d["same"]}
                 res[f"{dname}_spec_k{k}"] = e
                 nv = res["draft_vocab"] if k != "1-fullvocab" else cfg.vocab_size
-                line = (f"{dname:5s} MTP speculative k={k} (draft vocab {nv}) on held-out code, batch 1: "
+                mode = "compiled, vs compiled plain" if "compiled" in str(k) else "eager"
+                line = (f"{dname:5s} MTP speculative k={str(k).split('-')[0]} ({mode}, draft vocab {nv}) on held-out "
+                        f"code, batch 1: "
                         f"{e['spec']:7.1f} tok/s vs plain "
                         f"{e['plain']:7.1f} = {e['speedup']:.2f}x, acceptance {e['acceptance']:.2f}, "
                         f"{e['mean_accepted_length']:.2f} tokens/pass, identical to greedy: {e['identical']}")

@@ -191,6 +191,7 @@ class Engine:
                 raise ValueError(f"Engine.set_draft_vocab: expected a non-empty list of ids in "
                                  f"[0, {self.cfg.vocab_size})")
         self.fwd.set_draft_vocab(ids)
+        self._compiled = {}  # compiled speculative steps traced the old draft head
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts: Sequence[Sequence[int]],
