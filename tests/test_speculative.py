@@ -253,3 +253,15 @@ def test_context_buckets():
 
     assert [_bucket(h, 4096) for h in (1, 128, 129, 256, 257, 3000, 5000)] == [128, 128, 256, 256, 512, 4096, 4096]
     assert _bucket(100, 64) == 64
+
+
+def test_compile_engine_sampled_speculation_runs_eagerly_on_its_static_cache(trained):
+    """Engine(compile=True) compiles greedy speculation only; sampled speculation runs the eager step
+    on the engine's static cache (full context, k drafts' ring) and equals an engine without it."""
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=3, ignore_eos=True)
+    want = [r.tokens for r in Engine(trained).generate(PROMPTS, params, speculative=True, draft_tokens=2)]
+    eng = Engine(trained, compile=True)
+    got = [r.tokens for r in eng.generate(PROMPTS, params, speculative=True, draft_tokens=2)]
+    assert got == want
+    assert eng._static_cache is not None and eng._static_cache.capacity == trained.cfg.max_position_embeddings
+    assert not eng._compiled  # nothing was compiled

@@ -307,6 +307,8 @@ class Engine:
         """Call the compiled step `key`, compiling build() at its first call. Every context bucket
         recompiles the same Python function, so the first call lifts dynamo's per-function
         recompile limit (8), which a long context's dozen buckets would exceed."""
+        if self.device.type == "cuda":  # a new CUDA-graph step: the previous step's outputs were consumed
+            torch.compiler.cudagraph_mark_step_begin()
         fn = self._compiled.get(key)
         if fn is not None:
             return fn(*args)
