@@ -273,11 +273,15 @@ class Engine:
             return lambda ids, pos, hi: fwd.head(fwd.trunk(ids, pos, cache, hi=hi))
         one_row = isinstance(fwd, Fast) and fwd._bf16_cpu and cache.batch == 1
 
+        def make(hi):  # the step for one context bucket (a host int: static in the graph)
+            def step(ids, pos):
+                return fwd.head(fwd.trunk(ids, pos, cache, hi=hi))
+            return step
+
         def run(ids, pos, hi):
             hb = _bucket(hi, cache.capacity)
             with _one_row_gemms(one_row):
-                return self._step(("plain", hb), lambda: lambda ids, pos: fwd.head(fwd.trunk(ids, pos, cache, hi=hb)),
-                                  ids, pos)
+                return self._step(("plain", hb), lambda: make(hb), ids, pos)
         return run
 
     def _spec_fn(self, cache, k: int):

@@ -8,8 +8,8 @@ on pre-transposed views with the residual add fused (addmm), RoPE gathered from 
 the model's own Rotary computed, a 3-4 op RMSNorm, k/v written in place by the cache, and MoE paths
 for a handful of tokens that run only the chosen experts (`moe_host` on a CPU, `moe_gather` without
 host syncs for CUDA graphs). In bf16 on a CPU, one-row matmuls run on PyTorch's own BLAS kernels
-instead of oneDNN's (see `_one_row_gemms`). Nothing in mellum2/model changes; tests/test_infer_forward.py checks
-`Fast` against `Reference` (and so against `model(...)`).
+instead of oneDNN's (see `_one_row_gemms`). Nothing in mellum2/model changes;
+tests/test_infer_forward.py checks `Fast` against `Reference` (and so against `model(...)`).
 
 Both expose the same calls, each one cache step:
   trunk(ids_BT, pos_BT, cache, valid_BT=None, hi=None) -> h_BTD (before the final norm)
@@ -225,9 +225,9 @@ class Fast:
 
     def head(self, h_BTD):
         m = self.model
-        with _one_row_gemms(self._bf16_cpu and h_BTD[..., 0].numel() == 1):
-            return torch.mm(self._rms(h_BTD.reshape(-1, h_BTD.shape[-1]), m.model.norm.weight), self.w_headT).float().view(
-            *h_BTD.shape[:-1], -1)
+        with _one_row_gemms(self._bf16_cpu and h_BTD.numel() == h_BTD.shape[-1]):
+            h_ND = self._rms(h_BTD.reshape(-1, h_BTD.shape[-1]), m.model.norm.weight)
+            return torch.mm(h_ND, self.w_headT).float().view(*h_BTD.shape[:-1], -1)
 
     def mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None):
         with _one_row_gemms(self._bf16_cpu and next_ids_BT.numel() == 1):
@@ -248,9 +248,9 @@ class Fast:
         """The MTP head's logits; draft=True with a draft vocabulary set: over those ids only."""
         m = self.model
         w = self.w_draft if draft and self.w_draft is not None else m.lm_head.weight
-        with _one_row_gemms(self._bf16_cpu and y_BTD[..., 0].numel() == 1):
-            return torch.mm(self._rms(y_BTD.reshape(-1, y_BTD.shape[-1]), m.mtp.norm.weight), w.t()).float().view(
-            *y_BTD.shape[:-1], -1)
+        with _one_row_gemms(self._bf16_cpu and y_BTD.numel() == y_BTD.shape[-1]):
+            y_ND = self._rms(y_BTD.reshape(-1, y_BTD.shape[-1]), m.mtp.norm.weight)
+            return torch.mm(y_ND, w.t()).float().view(*y_BTD.shape[:-1], -1)
 
     def set_draft_vocab(self, ids) -> None:
         """Draft from these token ids only (FR-Spec, Zhao et al. 2025: the draft's LM head over the most
