@@ -1,6 +1,6 @@
 """The engine on CUDA (skipped without a GPU): same greedy tokens as on the CPU (fp32), the compiled /
-CUDA-graph decode step equals eager, speculative greedy equals plain greedy, the decode step has no
-host syncs."""
+CUDA-graph decode step equals eager, speculative greedy (eager and as one CUDA graph per step)
+equals plain greedy, the decode step has no host syncs."""
 import pytest
 import torch
 
@@ -36,6 +36,15 @@ def test_cuda_graph_step_equals_eager(models):
     eng = Engine(gpu, compile=True)
     for _ in range(2):
         assert [r.tokens for r in eng.generate(PROMPTS, p)] == want
+
+
+def test_cuda_graph_speculative_step_equals_plain_greedy(models):
+    _, gpu = models
+    p = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    want = [r.tokens for r in Engine(gpu).generate(PROMPTS, p)]
+    eng = Engine(gpu, compile=True)
+    for _ in range(2):
+        assert [r.tokens for r in eng.generate(PROMPTS, p, speculative=True, draft_tokens=2)] == want
 
 
 def test_decode_step_does_not_sync(models):
