@@ -29,22 +29,15 @@ def test_cuda_greedy_equals_cpu(models):
     assert [r.tokens for r in Engine(gpu).generate(PROMPTS, p, speculative=True, draft_tokens=2)] == want
 
 
-def test_cuda_graph_step_equals_eager(models):
+@pytest.mark.parametrize("spec", [{}, {"speculative": True, "draft_tokens": 2}])
+def test_cuda_graph_steps_equal_eager_greedy(models, spec):
+    """The plain decode step and the greedy speculative step, each a CUDA graph, reused twice."""
     _, gpu = models
     p = SamplingParams(max_new_tokens=20, ignore_eos=True)
     want = [r.tokens for r in Engine(gpu).generate(PROMPTS, p)]
     eng = Engine(gpu, compile=True)
     for _ in range(2):
-        assert [r.tokens for r in eng.generate(PROMPTS, p)] == want
-
-
-def test_cuda_graph_speculative_step_equals_plain_greedy(models):
-    _, gpu = models
-    p = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    want = [r.tokens for r in Engine(gpu).generate(PROMPTS, p)]
-    eng = Engine(gpu, compile=True)
-    for _ in range(2):
-        assert [r.tokens for r in eng.generate(PROMPTS, p, speculative=True, draft_tokens=2)] == want
+        assert [r.tokens for r in eng.generate(PROMPTS, p, **spec)] == want
 
 
 def test_decode_step_does_not_sync(models):
