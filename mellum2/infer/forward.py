@@ -39,8 +39,12 @@ from .kvcache import KVCache
 MOE_IMPLS = ("auto", "host", "gather", "grouped")
 
 
-@contextlib.contextmanager
 def _one_row_gemms(on: bool):
+    """`_OneRowGemms` when `on`, else a no-op context (fp32 and multi-row steps pay nothing)."""
+    return _OneRowGemms() if on and not torch.compiler.is_compiling() else _NO_OP
+
+
+class _OneRowGemms:
     """While active (and `on`), CPU matmuls skip oneDNN and run on PyTorch's own BLAS kernels.
 
     Measured on this 2-core AVX-512 CPU, one thread, bf16 [1, in] @ [in, out]: oneDNN costs a floor of
@@ -50,16 +54,18 @@ def _one_row_gemms(on: bool):
     a step of more tokens turns it off around the per-expert matmuls of `moe_host` only (one row each).
     Same dtypes in and out, fp32 accumulation in both. oneDNN's switch is process-global: it is
     restored on exit (also on errors); fp32 never goes through oneDNN here (MKL sgemm), so fp32 is
-    untouched."""
-    if not on or torch.compiler.is_compiling():  # a compiled step sets it around its call instead
-        yield
-        return
-    prev = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(prev)
+    untouched. Inside a traced step it is a no-op: the engine sets it around the compiled call."""
+
+    def __enter__(self):
+        self.prev = torch._C._get_mkldnn_enabled()  # per use: nested uses (trunk, then moe_host) restore in turn
+        torch._C._set_mkldnn_enabled(False)
+
+    def __exit__(self, *exc):
+        torch._C._set_mkldnn_enabled(self.prev)
+        return False
+
+
+_NO_OP = contextlib.nullcontext()
 
 
 class Reference:
