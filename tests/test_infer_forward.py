@@ -27,7 +27,13 @@ def _run(fwd, m, ids, P, step, steps):
             pos = torch.arange(t, t + T).expand(B, T)
             h = fwd.trunk(ids[:, t:t + T], pos, cache)
             y = fwd.mtp(h, ids[:, t + 1:t + T + 1], pos, cache)
-            outs += [fwd.head(h), fwd.mtp_head(y)]
+            # the MTP layer with its MLP at one picked position per row (the drafting one)
+            pick = (torch.arange(B) + t) % T
+            y1 = fwd.mtp(h, ids[:, t + 1:t + T + 1], pos, cache, pick_B=pick)
+            assert y1.shape == (B, 1, y.shape[-1])
+            tol = dict(rtol=1e-5, atol=2e-5) if y.dtype == torch.float32 else {}  # bf16: its default tolerance
+            torch.testing.assert_close(y1[:, 0], y[torch.arange(B), pick], **tol)
+            outs += [fwd.head(h), fwd.mtp_head(y), fwd.mtp_head(y1)]
             t, T = t + T, step
     return outs
 

@@ -300,10 +300,10 @@ class Engine:
                 h_BTD = fwd.trunk(torch.cat([tok_B1, drafts_Bk], 1), pos_BT, cache, hi=hi)
                 logits_BTV = fwd.head(h_BTD)
                 out_BT, m_B, _ = verify(None, logits_BTV, drafts_Bk, None)
-                y_BTD = fwd.mtp(h_BTD, out_BT, pos_BT, cache, hi=hi)
+                y_BD = fwd.mtp(h_BTD, out_BT, pos_BT, cache, hi=hi, pick_B=m_B)[:, 0]
                 tok_B = gather_rows(out_BT, m_B)
                 n_B = n_B + (m_B + 1) * active_B.long()
-                drafts_Bk, _ = draft(fwd, None, cache, gather_rows(y_BTD, m_B), tok_B, n_B, k, hi=hi)
+                drafts_Bk, _ = draft(fwd, None, cache, y_BD, tok_B, n_B, k, hi=hi)
                 return out_BT, m_B, logits_BTV, tok_B[:, None], drafts_Bk, n_B
             return step
 
@@ -406,10 +406,14 @@ class Generation:
         if self.speculative:
             # the MTP layer over the prompt: (h_t, x_{t+1}) for t < len, x_len the token just sampled
             next_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, -1:]], 1).scatter(1, last_B[:, None], tok_B1)
-            y_BTD = torch.cat([eng.fwd.mtp(h_BTD[:, a:a + C], next_BT[:, a:a + C], pos_BT[:, a:a + C], cache,
-                                           hi=min(a + C, P)) for a in range(0, P, C)], 1)
-            drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, gather_rows(y_BTD, last_B), tok_B1[:, 0], n_B, k,
-                                     hi=P + k + 1)
+            # (its MLP only at each row's last position, the one that drafts: the rest only fill the cache)
+            y_BD = None
+            for a in range(0, P, C):
+                e = min(a + C, P)
+                y = eng.fwd.mtp(h_BTD[:, a:e], next_BT[:, a:e], pos_BT[:, a:e], cache, hi=e,
+                                pick_B=(last_B - a).clamp(0, e - a - 1))[:, 0]
+                y_BD = y if y_BD is None else torch.where(((last_B >= a) & (last_B < e))[:, None], y, y_BD)
+            drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, y_BD, tok_B1[:, 0], n_B, k, hi=P + k + 1)
         self.stats.prefill_s = time.perf_counter() - t0
         yield from self._emit(tok_B1, logits_B1V, sampler, [0] * B)
         first = self.stats.new_tokens
@@ -444,11 +448,10 @@ class Generation:
                     sampler.observe(out_BT, torch.arange(k + 1, device=dev) <= m_B[:, None])
                 # the MTP layer catches up over the positions some row kept (later ones are rewritten)
                 c = max(m_host) + 1
-                y_BTD = eng.fwd.mtp(h_BTD[:, :c], out_BT[:, :c], pos_BT[:, :c], cache, hi=hi)
+                y_BD = eng.fwd.mtp(h_BTD[:, :c], out_BT[:, :c], pos_BT[:, :c], cache, hi=hi, pick_B=m_B)[:, 0]
                 tok_B1 = gather_rows(out_BT, m_B)[:, None]
                 n_B = n_B + (m_B + 1) * active_B.long()
-                drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, gather_rows(y_BTD, m_B), tok_B1[:, 0], n_B, k,
-                                         hi=hi + k + 1)
+                drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, y_BD, tok_B1[:, 0], n_B, k, hi=hi + k + 1)
             if self.speculative:
                 for b, r in enumerate(self.rows):
                     if not r.done:

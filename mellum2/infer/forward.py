@@ -14,7 +14,9 @@ tests/test_infer_forward.py checks `Fast` against `Reference` (and so against `m
 Both expose the same calls, each one cache step:
   trunk(ids_BT, pos_BT, cache, valid_BT=None, hi=None) -> h_BTD (before the final norm)
   head(h_BTD) -> fp32 logits
-  mtp(h_BTD, next_ids_BT, pos_BT, cache, hi=None) -> y_BTD (the MTP layer's output, before mtp.norm)
+  mtp(h_BTD, next_ids_BT, pos_BT, cache, hi=None, pick_B=None) -> y_BTD (the MTP layer's output, before
+      mtp.norm); with pick_B only row b's position pick_B[b] comes out ([B, 1, D]): every position's
+      k/v still enters the cache, but the MLP (MoE) runs for the picked one only
   mtp_head(y_BTD) -> fp32 logits of the MTP head (Fast: optionally over a draft vocabulary only)
 
 The model runs in its parameter dtype (fp32 or bf16), no autocast. The fused q/k/v weights are copies
@@ -81,9 +83,10 @@ class Reference:
     def head(self, h_BTD):
         return self.model.head(h_BTD)
 
-    def mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None):
+    def mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None, pick_B=None):
         cache.begin(pos_BT, hi=hi, ring=False)
-        return self.model.mtp(self.model, h_BTD, next_ids_BT, pos_BT, cache=cache)[0]
+        y_BTD = self.model.mtp(self.model, h_BTD, next_ids_BT, pos_BT, cache=cache)[0]
+        return y_BTD if pick_B is None else _pick(y_BTD, pick_B)
 
     def mtp_head(self, y_BTD):
         return self.model.mtp.logits(self.model, y_BTD)
@@ -235,11 +238,11 @@ class Fast:
             h_ND = self._rms(h_BTD.reshape(-1, h_BTD.shape[-1]), m.model.norm.weight)
             return torch.mm(h_ND, self.w_headT).float().view(*h_BTD.shape[:-1], -1)
 
-    def mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None):
+    def mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None, pick_B=None):
         with _one_row_gemms(self._bf16_cpu and next_ids_BT.numel() == 1):
-            return self._mtp(h_BTD, next_ids_BT, pos_BT, cache, hi)
+            return self._mtp(h_BTD, next_ids_BT, pos_BT, cache, hi, pick_B)
 
-    def _mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None):
+    def _mtp(self, h_BTD, next_ids_BT, pos_BT, cache: KVCache, hi=None, pick_B=None):
         cache.begin(pos_BT, hi=hi, ring=False)
         m, mt, D = self.model, self.model.mtp, h_BTD.shape[-1]
         e = self._rms(F.embedding(next_ids_BT, m.model.embed_tokens.weight), mt.pre_fc_norm_embedding.weight)
@@ -248,7 +251,10 @@ class Fast:
         L = self.mtp_layer
         B, T = next_ids_BT.shape
         cs = {L.type: self._cos_sin(pos_BT, L.type, cache.capacity)}
-        return self._mlp(L, self._attn(L, z.view(B * T, -1), B, T, cs, cache)).view(B, T, -1)
+        x_ND = self._attn(L, z.view(B * T, -1), B, T, cs, cache)
+        if pick_B is not None:  # the MLP is per token: only the drafting position needs it
+            return self._mlp(L, _pick(x_ND.view(B, T, -1), pick_B)[:, 0]).view(B, 1, -1)
+        return self._mlp(L, x_ND).view(B, T, -1)
 
     def mtp_head(self, y_BTD, draft: bool = False):
         """The MTP head's logits; draft=True with a draft vocabulary set: over those ids only."""
@@ -265,6 +271,11 @@ class Fast:
         w = self.model.lm_head.weight
         self.draft_vocab = None if ids is None else torch.as_tensor(ids, dtype=torch.long, device=w.device)
         self.w_draft = None if ids is None else w.detach().index_select(0, self.draft_vocab)
+
+
+def _pick(x_BT_, idx_B):
+    """x[b, idx[b]] for every row, keeping a length-1 T axis: [B, T, ...] -> [B, 1, ...]."""
+    return x_BT_[torch.arange(x_BT_.shape[0], device=x_BT_.device), idx_B][:, None]
 
 
 def moe_host(L: _Layer, h_ND, ids_NK, w_NK, res_ND):
