@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_attention
 from .config import ModelConfig
 
 
@@ -167,6 +168,12 @@ class AttnPlan:
 
 def attend(q_BHTd, k_BGTd, v_BGTd, plan: AttnPlan | None):
     gqa = q_BHTd.shape[1] != k_BGTd.shape[1]
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q_BHTd.dtype
+    if cpu_attention.wanted(q_BHTd, dt) and (plan is None or plan.kind in ("causal", "dense")):
+        # bf16 training on a CPU: SDPA's forward with a faster backward (model/cpu_attention.py)
+        q, k, v = (x.to(dt) for x in (q_BHTd, k_BGTd, v_BGTd))
+        return cpu_attention.attention(q, k, v, None if plan is None or plan.kind == "causal" else plan.mask,
+                                       is_causal=plan is None or plan.kind == "causal")
     if plan is None or plan.kind == "causal":
         return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=gqa)
     if plan.kind == "dense":

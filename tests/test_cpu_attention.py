@@ -1,0 +1,110 @@
+"""model/cpu_attention.py: SDPA's forward, our blocked backward; values and gradients vs SDPA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mellum2.model.cpu_attention import attention, wanted
+from mellum2.model.layers import attn_mask, doc_ids_from_positions
+
+
+def _grads(fn, q, k, v, go):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(go)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def _masks(T):
+    pos = torch.cat([torch.arange(5), torch.arange(T - 5)])[None].expand(2, T)  # two documents per row
+    return {
+        "causal": None,
+        "window": attn_mask(T, 4, None, "cpu"),
+        "documents": attn_mask(T, None, doc_ids_from_positions(pos), "cpu"),
+        "documents+window": attn_mask(T, 6, doc_ids_from_positions(pos), "cpu"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["causal", "window", "documents", "documents+window"])
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2), (6, 1)])
+@pytest.mark.parametrize("block_rows", [7, 1024])
+def test_matches_sdpa_fp32(kind, heads, block_rows):
+    torch.manual_seed(0)
+    (H, G), B, T, d = heads, 2, 19, 16
+    q, go = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
+    k, v = torch.randn(B, G, T, d), torch.randn(B, G, T, d)
+    m = _masks(T)[kind]
+    ref = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None,
+                                                                 enable_gqa=H != G), q, k, v, go)
+    ours = _grads(lambda q, k, v: attention(q, k, v, m, is_causal=m is None, block_rows=block_rows), q, k, v, go)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+def test_bf16_error_like_sdpa():
+    """In bf16 our gradients are as close to the fp32 ones as SDPA's own bf16 gradients are."""
+    torch.manual_seed(0)
+    B, H, G, T, d = 2, 4, 2, 64, 32
+    q, k, v, go = (torch.randn(B, h, T, d) for h in (H, G, G, H))
+    m = _masks(T)["window"]
+    exact = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True), q, k, v, go)
+    bf = [x.bfloat16() for x in (q, k, v, go)]
+    sd = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True), *bf)
+    ours = _grads(lambda q, k, v: attention(q, k, v, m), *bf)
+    for name, e, s, o in zip(("out", "dq", "dk", "dv"), exact, sd, ours):
+        err = lambda x: ((x.float() - e).norm() / e.norm()).item()  # noqa: E731
+        assert err(o) < 2 * err(s) + 2e-3, (name, err(o), err(s))
+        assert o.dtype == torch.bfloat16
+
+
+def test_wanted_only_for_cpu_training():
+    x = torch.randn(1, 1, 2, 2)
+    assert not wanted(x, torch.bfloat16)
+    assert wanted(x.requires_grad_(), torch.bfloat16)
+    assert not wanted(x, torch.float32)  # SDPA's fp32 backward is faster
+    with torch.no_grad():
+        assert not wanted(x, torch.bfloat16)
+
+
+def test_model_training_uses_it_and_matches_sdpa(monkeypatch):
+    """A training forward + backward of the model with and without it: same loss and gradients."""
+    from mellum2 import Mellum2, ModelConfig
+    from mellum2.model import cpu_attention
+
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset("test-small")).train()
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 24))
+    calls = []
+    orig = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    monkeypatch.setattr(cpu_attention, "wanted", lambda q, dt: q.requires_grad)  # fp32 too: exact comparison
+    out = m(ids, labels=ids)
+    out.loss.backward()
+    g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert calls, "training forward did not use cpu_attention"
+    m.zero_grad()
+    monkeypatch.setattr(cpu_attention, "wanted", lambda q, dt: False)
+    ref = m(ids, labels=ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda s: f"{n}: {s}")
+
+
+def test_bf16_autocast_training_uses_it():
+    from mellum2 import Mellum2, ModelConfig
+    from mellum2.model import cpu_attention
+
+    m = Mellum2(ModelConfig.from_preset("test-small")).train()
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 24))
+    seen = []
+    orig = cpu_attention._Attention.forward
+    cpu_attention._Attention.forward = staticmethod(lambda ctx, q, *a: seen.append(q.dtype) or orig(ctx, q, *a))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(ids, labels=ids).loss
+        loss.backward()
+    finally:
+        cpu_attention._Attention.forward = orig
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.model.layers[0].self_attn.parameters())
