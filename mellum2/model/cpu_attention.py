@@ -5,22 +5,25 @@ kernel is fast forward (bf16, `tiny`'s batch 8 x 512, 4 heads over 2 kv heads: ~
 its backward is not (~25 ms, 6x the forward): in the compiled bf16 `tiny` training step it was the
 largest single cost (~23% of forward + backward). `attention` keeps the flash forward (which also
 returns each row's log-sum-exp) and computes the backward from the saved inputs as the textbook
-flash-attention gradient, one block of queries at a time so no [T, T] matrix of the whole sequence
-is ever held (FlashAttention-2, Dao 2023, Algorithm 2, with blocks of rows instead of tiles):
+flash-attention gradient, one block of at most `block_rows` query rows at a time, so the score
+block held is [block_rows, S] per kv head, not [H*T, S] (FlashAttention-2, Dao 2023, Algorithm 2,
+with blocks of rows instead of tiles):
 
     S = q k^T * scale            P = exp(S - lse)            (masked entries: P = 0)
     dV = P^T dO                  dP = dO V^T                 dS = P * (dP - rowsum(dO * O))
     dQ = dS k * scale            dK = dS^T q * scale
 
-The matmuls run in the input dtype with fp32 accumulation (oneDNN in bf16), P and dS are formed in
-fp32 and rounded to the input dtype for the matmuls, as an eager bf16 attention would.
+The matmuls run in the input dtype with fp32 accumulation (oneDNN in bf16) and return that dtype (so
+S is rounded to bf16 before the exp, as in an eager bf16 attention); P and dS are formed in fp32 and
+rounded to the input dtype for the matmuls; dK and dV accumulate in fp32 across blocks.
 GQA: the r = H/G query heads of a kv head are stacked along the rows ([B, G, r*T, d]), so each kv
 head's gradient is one matmul over all its query heads.
 
 Used by `layers.attend` for the cache-free forward on a CPU in bf16 when gradients are needed
 (training); fp32, inference and GPUs keep plain SDPA. The backward is compiled (inductor fuses its
 elementwise passes) for sequences of useful size: 26 vs 32 ms forward + backward per layer eager,
-22-26 vs 32 inside the compiled training step. tests/test_model.py checks values and gradients against SDPA.
+22-26 vs 32 inside the compiled training step.
+tests/test_cpu_attention.py checks values and gradients against SDPA (and the bf16 error against SDPA's).
 """
 from __future__ import annotations
 
