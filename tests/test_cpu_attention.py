@@ -24,10 +24,15 @@ def _masks(T):
     }
 
 
+WINDOW = {"causal": None, "window": 4, "documents": None, "documents+window": 6}
+
+
 @pytest.mark.parametrize("kind", ["causal", "window", "documents", "documents+window"])
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2), (6, 1)])
 @pytest.mark.parametrize("block_rows", [7, 1024])
-def test_matches_sdpa_fp32(kind, heads, block_rows):
+@pytest.mark.parametrize("promise", [True, False])
+def test_matches_sdpa_fp32(kind, heads, block_rows, promise):
+    """promise: tell it the mask is causal (and its window), so the backward skips key ranges."""
     torch.manual_seed(0)
     (H, G), B, T, d = heads, 2, 19, 16
     q, go = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
@@ -35,7 +40,8 @@ def test_matches_sdpa_fp32(kind, heads, block_rows):
     m = _masks(T)[kind]
     ref = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None,
                                                                  enable_gqa=H != G), q, k, v, go)
-    ours = _grads(lambda q, k, v: attention(q, k, v, m, is_causal=m is None, block_rows=block_rows), q, k, v, go)
+    kw = dict(is_causal=True, window=WINDOW[kind]) if promise else dict(is_causal=m is None)
+    ours = _grads(lambda q, k, v: attention(q, k, v, m, block_rows=block_rows, **kw), q, k, v, go)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")
 
@@ -49,11 +55,25 @@ def test_bf16_error_like_sdpa():
     exact = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True), q, k, v, go)
     bf = [x.bfloat16() for x in (q, k, v, go)]
     sd = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True), *bf)
-    ours = _grads(lambda q, k, v: attention(q, k, v, m), *bf)
+    ours = _grads(lambda q, k, v: attention(q, k, v, m, is_causal=True, window=4), *bf)
     for name, e, s, o in zip(("out", "dq", "dk", "dv"), exact, sd, ours):
         err = lambda x: ((x.float() - e).norm() / e.norm()).item()  # noqa: E731
         assert err(o) < 2 * err(s) + 2e-3, (name, err(o), err(s))
         assert o.dtype == torch.bfloat16
+
+
+def test_a_broken_promise_shows():
+    """The skipping is real: a window smaller than the mask's changes the gradients (so the tests
+    above would catch a wrong key range)."""
+    torch.manual_seed(0)
+    B, H, G, T, d = 1, 2, 1, 24, 8
+    q, k, v, go = (torch.randn(B, h, T, d) for h in (H, G, G, H))
+    m = _masks(T)["window"]  # window 4
+    good = _grads(lambda q, k, v: attention(q, k, v, m, is_causal=True, window=4, block_rows=8), q, k, v, go)
+    bad = _grads(lambda q, k, v: attention(q, k, v, m, is_causal=True, window=1, block_rows=8), q, k, v, go)
+    assert not torch.allclose(good[1], bad[1])
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, v, m, window=0)
 
 
 def test_wanted_only_for_cpu_training():
@@ -125,7 +145,7 @@ def test_compiled_backward_matches(monkeypatch):
     k, v = torch.randn(B, G, T, d), torch.randn(B, G, T, d)
     m = _masks(T)["documents+window"]
     ref = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True), q, k, v, go)
-    ours = _grads(lambda q, k, v: attention(q, k, v, m, block_rows=24), q, k, v, go)
+    ours = _grads(lambda q, k, v: attention(q, k, v, m, is_causal=True, window=6, block_rows=12), q, k, v, go)
     assert called and cpu_attention._compiled is not False, "the compiled backward did not run"
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")

@@ -172,8 +172,9 @@ def attend(q_BHTd, k_BGTd, v_BGTd, plan: AttnPlan | None):
     if cpu_attention.wanted(q_BHTd, dt) and (plan is None or plan.kind in ("causal", "dense")):
         # bf16 training on a CPU: SDPA's forward with a faster backward (model/cpu_attention.py)
         q, k, v = (x.to(dt) for x in (q_BHTd, k_BGTd, v_BGTd))
-        return cpu_attention.attention(q, k, v, None if plan is None or plan.kind == "causal" else plan.mask,
-                                       is_causal=plan is None or plan.kind == "causal")
+        if plan is None or plan.kind == "causal":
+            return cpu_attention.attention(q, k, v, is_causal=True)
+        return cpu_attention.attention(q, k, v, plan.mask, is_causal=True, window=plan.window)  # masks are causal
     if plan is None or plan.kind == "causal":
         return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=gqa)
     if plan.kind == "dense":
@@ -201,7 +202,7 @@ class MaskCache:
             if w is None and self.doc is None:
                 plan = AttnPlan("causal")
             elif self.T <= self.dense_max:
-                plan = AttnPlan("dense", mask=attn_mask(self.T, w, self.doc, self.device))
+                plan = AttnPlan("dense", mask=attn_mask(self.T, w, self.doc, self.device), window=w)
             else:
                 plan = AttnPlan("blocked", window=w, doc=self.doc, block=min(512, w or 512))
             self._p[layer_type] = plan
