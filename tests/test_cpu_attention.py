@@ -85,6 +85,12 @@ def test_wanted_only_for_cpu_training():
         assert not wanted(x, torch.bfloat16)
 
 
+def test_opt_out(monkeypatch):
+    x = torch.randn(1, 1, 2, 2, requires_grad=True)
+    monkeypatch.setenv("MELLUM2_CPU_ATTENTION", "sdpa")
+    assert not wanted(x, torch.bfloat16)
+
+
 def test_model_training_uses_it_and_matches_sdpa(monkeypatch):
     """A training forward + backward of the model with and without it: same loss and gradients."""
     from mellum2 import Mellum2, ModelConfig

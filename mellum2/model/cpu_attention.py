@@ -26,10 +26,14 @@ Used by `layers.attend` for the cache-free forward on a CPU in bf16 when gradien
 (training); fp32, inference and GPUs keep plain SDPA. The backward is compiled (inductor fuses its
 elementwise passes) for sequences of useful size. Forward + backward of one layer at the sizes
 above (bf16, 2 threads, ms): sliding 17.7 vs SDPA's 24.8, full 18.1 vs 26.6 (17.1 and 16.7 when the
-caller is compiled too).
+caller is compiled too). The price: inductor compiles each new shape's backward once (here ~100 s
+in all for a `tiny` run with MTP and packed documents on an empty inductor cache, seconds once
+cached on disk); MELLUM2_CPU_ATTENTION=sdpa keeps SDPA's backward (short runs, no C++ compiler).
 tests/test_cpu_attention.py checks values and gradients against SDPA (and the bf16 error against SDPA's).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -37,9 +41,11 @@ _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def wanted(q: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Use `attention` for q attending in `dtype`: on a CPU, bf16, when a gradient is needed (training).
-    In fp32 SDPA's own backward is the faster one (measured 43 vs 60 ms for the sizes above)."""
-    return q.device.type == "cpu" and dtype == torch.bfloat16 and q.requires_grad and torch.is_grad_enabled()
+    """Use `attention` for q attending in `dtype`: on a CPU, bf16, when a gradient is needed (training),
+    unless MELLUM2_CPU_ATTENTION=sdpa. In fp32 SDPA's own backward is the faster one (measured 43 vs
+    60 ms for the sizes above)."""
+    return (q.device.type == "cpu" and dtype == torch.bfloat16 and q.requires_grad and torch.is_grad_enabled()
+            and os.environ.get("MELLUM2_CPU_ATTENTION", "").strip().lower() != "sdpa")
 
 
 def attention(q_BHTd, k_BGTd, v_BGTd, mask=None, is_causal: bool = False, window: int | None = None,
