@@ -172,9 +172,8 @@ def attend(q_BHTd, k_BGTd, v_BGTd, plan: AttnPlan | None):
     if cpu_attention.wanted(q_BHTd, dt) and (plan is None or plan.kind in ("causal", "dense")):
         # bf16 training on a CPU: SDPA's forward with a faster backward (model/cpu_attention.py)
         q, k, v = (x.to(dt) for x in (q_BHTd, k_BGTd, v_BGTd))
-        if plan is None or plan.kind == "causal":
-            return cpu_attention.attention(q, k, v, is_causal=True)
-        return cpu_attention.attention(q, k, v, plan.mask, is_causal=True, window=plan.window)  # masks are causal
+        mask, window = (plan.mask, plan.window) if plan is not None else (None, None)  # plan masks are causal
+        return cpu_attention.attention(q, k, v, mask, is_causal=True, window=window)
     if plan is None or plan.kind == "causal":
         return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=gqa)
     if plan.kind == "dense":
