@@ -141,10 +141,9 @@ def test_compiled_backward_matches(monkeypatch):
     from mellum2.model import cpu_attention
 
     monkeypatch.setattr(cpu_attention, "_COMPILE_FROM", 0)
-    monkeypatch.setattr(cpu_attention, "_compiled", None)
+    compiled = cpu_attention.CompiledOrEager(cpu_attention._backward, "test")
     called = []
-    orig = cpu_attention._compiled_backward
-    monkeypatch.setattr(cpu_attention, "_compiled_backward", lambda *a: called.append(1) or orig(*a))
+    monkeypatch.setattr(cpu_attention, "_compiled_backward", lambda *a: called.append(1) or compiled(*a))
     torch.manual_seed(0)
     B, H, G, T, d = 2, 4, 2, 16, 8
     q, go = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
@@ -152,6 +151,6 @@ def test_compiled_backward_matches(monkeypatch):
     m = _masks(T)["documents+window"]
     ref = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True), q, k, v, go)
     ours = _grads(lambda q, k, v: attention(q, k, v, m, is_causal=True, window=6, block_rows=12), q, k, v, go)
-    assert called and cpu_attention._compiled is not False, "the compiled backward did not run"
+    assert called and compiled.compiled not in (None, False), "the compiled backward did not run"
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")

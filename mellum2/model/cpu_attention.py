@@ -37,6 +37,8 @@ import os
 
 import torch
 
+from .compiled import CompiledOrEager
+
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -88,30 +90,11 @@ class _Attention(torch.autograd.Function):
         lse_r, delta_r = rows(lse), rows((do.float() * o.float()).sum(-1))
         args = (q_r, k, v, do_r, lse_r, delta_r, mask, ctx.is_causal, ctx.window, r, ctx.block_rows)
         dq, dk, dv = _backward(*args) if torch.compiler.is_compiling() or B * H * T * S < _COMPILE_FROM \
-            else _compiled_backward(*args)
+            else _compiled_backward(*args)  # inductor fuses the fp32 passes: 22 vs 43 ms eager (docstring sizes)
         return dq.reshape(B, G, T, r, d).transpose(2, 3).reshape(B, H, T, d), dk, dv, None, None, None, None
 
 
 _COMPILE_FROM = 1 << 20  # score entries from which the eager backward runs compiled (fused elementwise)
-_compiled = None
-
-
-def _compiled_backward(*args):
-    """`_backward` compiled once per shape (inductor fuses the fp32 elementwise passes over the [rows, S]
-    blocks: 22 vs 43 ms eager for the sizes in the module docstring). Where compiling fails (no C++
-    compiler), the eager version, with one warning."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_backward, dynamic=False)
-    if _compiled is not False:
-        try:
-            return _compiled(*args)
-        except Exception as e:  # noqa: BLE001 (inductor raises many kinds; the eager path is always right)
-            import warnings
-            warnings.warn(f"mellum2: compiling the CPU attention backward failed ({type(e).__name__}: {e}); "
-                          "using the eager backward", stacklevel=2)
-            _compiled = False
-    return _backward(*args)
 
 
 def _backward(q_r, k, v, do_r, lse_r, delta_r, mask, is_causal: bool, window, r: int, block_rows: int):
@@ -149,3 +132,6 @@ def _backward(q_r, k, v, do_r, lse_r, delta_r, mask, is_causal: bool, window, r:
         dk[:, :, k_lo:k_hi] += torch.matmul(ds_t.transpose(-1, -2), q_r[:, :, a:e]).float()
         dqs.append(torch.matmul(ds_t, kb) * scale)
     return torch.cat(dqs, 2), (dk * scale).to(k.dtype), dv.to(v.dtype)
+
+
+_compiled_backward = CompiledOrEager(_backward, "the CPU attention backward")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .head_loss import linear_ce
 from .layers import Attention, MaskCache, RMSNorm, Rotary, doc_ids_from_positions
 from .moe import DenseMLP, MoE, RouterOut
 
@@ -61,11 +62,11 @@ class Trunk(nn.Module):
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # [B, T, V] fp32
+    logits: torch.Tensor | None  # [B, T, V] fp32 (None when forward(..., return_logits=False))
     loss: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, mtp, lb, z (unweighted)
     hidden: torch.Tensor | None = None  # [B, T, D] trunk output before the final norm
-    mtp_logits: torch.Tensor | None = None  # [B, T-1, V]: position t predicts token t+2
+    mtp_logits: torch.Tensor | None = None  # [B, T-1, V]: position t predicts token t+2 (or None, as logits)
     routers: list[RouterOut] = field(default_factory=list)  # per MoE layer (trunk, then MTP)
     n_tokens: torch.Tensor | None = None  # label tokens counted by the CE
 
@@ -117,26 +118,38 @@ class Mellum2(nn.Module):
         return self.lm_head(self.model.norm(h_BTD)).float()
 
     # ------------------------------------------------------------------ forward + losses
-    def forward(self, input_ids, labels=None, position_ids=None, mtp: bool | None = None) -> Output:
+    def forward(self, input_ids, labels=None, position_ids=None, mtp: bool | None = None,
+                return_logits: bool = True) -> Output:
+        """Logits (fp32) and, given labels, the losses. `return_logits=False` (training) computes the
+        CE without materialising the logits (head_loss.linear_ce); Output.logits/mtp_logits are None."""
+        if not return_logits and labels is None:
+            raise ValueError("forward(return_logits=False) needs labels: without logits there is only the loss")
         h_BTD, routers = self.trunk(input_ids, position_ids)
-        out = Output(logits=self.head(h_BTD), hidden=h_BTD, routers=routers)
+        out = Output(logits=self.head(h_BTD) if return_logits else None, hidden=h_BTD, routers=routers)
         want_mtp = (labels is not None) if mtp is None else mtp
+        hm_BTD = None
         if self.mtp is not None and want_mtp and input_ids.shape[1] > 1:
             hm_BTD, mtp_routers = self.mtp(self, h_BTD[:, :-1], input_ids[:, 1:],
                                            None if position_ids is None else position_ids[:, :-1])
-            out.mtp_logits = self.mtp.logits(self, hm_BTD)
+            if return_logits:
+                out.mtp_logits = self.mtp.logits(self, hm_BTD)
             out.routers = routers + mtp_routers
         if labels is not None:
-            self._losses(out, labels)
+            self._losses(out, labels, h_BTD, hm_BTD)
         return out
 
-    def _losses(self, out: Output, labels_BT: torch.Tensor) -> None:
+    def _ce(self, logits, norm, h_BTD, labels_BT, shift: int):
+        if logits is not None:
+            return self.ce(logits, labels_BT, shift)
+        return linear_ce(norm(h_BTD), self.lm_head.weight, labels_BT, shift)
+
+    def _losses(self, out: Output, labels_BT: torch.Tensor, h_BTD, hm_BTD) -> None:
         cfg = self.cfg
-        ce, n = self.ce(out.logits, labels_BT, 1)
+        ce, n = self._ce(out.logits, self.model.norm, h_BTD, labels_BT, 1)
         losses = {"ce": ce}
         total = ce
-        if out.mtp_logits is not None:
-            losses["mtp"], _ = self.ce(out.mtp_logits, labels_BT, 2)
+        if hm_BTD is not None:
+            losses["mtp"], _ = self._ce(out.mtp_logits, self.mtp.norm, hm_BTD, labels_BT, 2)
             total = total + cfg.mtp_loss_weight * losses["mtp"]
         if out.routers:
             losses["lb"] = load_balance_loss(out.routers, cfg.num_experts, self.count_reducer)

@@ -106,6 +106,7 @@ def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto",
         for layer in decoder_layers(model):
             layer.compile()
         # the loss: slicing, the fp32 cast and log-softmax over [tokens, vocab] fuse into one pass
+        # (the trainer's chunked head + CE, head_loss.linear_ce, compiles its part itself)
         model.ce = torch.compile(shifted_ce, dynamic=False)
         applied["compile"] = len(decoder_layers(model))
     if d.enabled:

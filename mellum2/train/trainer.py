@@ -102,7 +102,8 @@ class Trainer:
         for i, b in enumerate(batches):
             self._set_grad_sync(i == K - 1)
             with self.autocast():
-                out = self.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+                out = self.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
+                                 return_logits=False)
             L = out.losses
             lab = b["labels"]
             n1 = (lab[:, 1:] != -100).sum()

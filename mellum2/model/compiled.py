@@ -1,0 +1,34 @@
+"""A function compiled on first use, or its eager self where compiling fails.
+
+The CPU training kernels written in plain torch (the attention backward, the LM head's loss) are
+chains of fp32 element-wise passes over large blocks; inductor fuses them into one or two passes.
+They are compiled for the shapes they see (`dynamic=False`: one compile per shape, cached on disk
+by inductor) even when the model itself is not (`mellum2 train` without `--compile`). Where
+compiling fails (no C++ compiler, an inductor bug) the eager function runs from then on, after one
+warning: it is always right, only slower. Inside a compiled caller the function is traced as is.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class CompiledOrEager:
+    def __init__(self, fn, what: str):
+        self.fn, self.what = fn, what
+        self.compiled = None  # None: not yet compiled; False: compiling failed, eager from now on
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        if self.compiled is not False:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 (inductor raises many kinds; the eager path is always right)
+                warnings.warn(f"mellum2: compiling {self.what} failed ({type(e).__name__}: {e}); "
+                              "running it eagerly", stacklevel=2)
+                self.compiled = False
+        return self.fn(*args)
