@@ -6,7 +6,7 @@ down matrices are stored as one 3-D tensor per kind ([E, I, D], [E, I, D], [E, D
 orthogonalise every expert's matrix separately and the released per-expert layout maps 1:1.
 
 Two expert paths that must agree (tests/test_moe.py): `grouped` (sort token-slots by expert, one
-`torch.nn.functional.grouped_mm` per matrix, no capacity, no dropping) and `loop` (the obvious
+`torch.nn.functional.grouped_mm` for gate and up together and one for down, no capacity, no dropping) and `loop` (the obvious
 per-expert reference). On the CPU in bf16 the grouped path rounds every expert's group up to a
 multiple of a few rows (`Experts.pad_of`): oneDNN compiles a kernel per new GEMM shape, and a
 training step's routing is new every step.
@@ -73,8 +73,11 @@ class Experts(nn.Module):
         src_R = torch.full((rows,), T, dtype=torch.long, device=x_TD.device)
         src_R[dest_S] = torch.arange(T * K, device=x_TD.device) // K
         x_RD = torch.cat([x_TD.to(dt), x_TD.new_zeros(1, D, dtype=dt)]).index_select(0, src_R)
-        g_RI = self.gmm(x_RD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
-        u_RI = self.gmm(x_RD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
+        # gate and up in one grouped matmul (each expert's [D, 2I]): half the calls, a wider GEMM, and
+        # one gradient matmul for x in backward (bf16 tiny, experts fwd+bwd: 36 -> 26 ms). The two stay
+        # separate parameters (Muon orthogonalises each matrix; the released layout keeps them apart).
+        gu_ED2I = torch.cat([self.gate_proj.to(dt), self.up_proj.to(dt)], 1).transpose(1, 2)
+        g_RI, u_RI = self.gmm(x_RD, gu_ED2I, offs=offs_E).chunk(2, dim=-1)
         y_RD = self.gmm(F.silu(g_RI) * u_RI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
         y_TKD = y_RD.index_select(0, dest_S).view(T, K, D)  # back to slot order
         return (y_TKD * w_TK.to(dt)[..., None]).sum(1)
