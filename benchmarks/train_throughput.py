@@ -2,7 +2,9 @@
 
 Same `tiny`-sized config (18M params, 16 experts top-2) without MTP for the comparison, batch 8 x 512,
 fp32 and bf16 autocast (fp32 masters in both). Measured per system:
-  fwd+bwd    forward with labels (CE + router losses) and backward
+  fwd+bwd    forward with labels (CE + router losses) and backward; ours as the trainer calls it,
+             `return_logits=False` (the loss without materialising logits, model/head_loss.py), the
+             peer as its trainers do (it has no such option: logits come back with the loss)
   step       the full optimiser step: ours is `Trainer.train_step` (global token normalisation, grad
              clip, Muon + AdamW, one host sync); the peer does fwd+bwd + clip + AdamW + zero_grad
 transformers is run with each experts implementation 5.18 offers on CPU (eager, batched_mm,
