@@ -51,8 +51,14 @@ def test_3d_expert_step_equals_per_expert_torch_muon():
         assert torch.equal(ours[e], ref), f"expert {e}"
 
 
-def test_bucketed_step_equals_per_matrix_torch_muon():
-    """Same-shaped matrices and expert stacks orthogonalised in one batch, each as torch would."""
+@pytest.mark.parametrize("chunk", [None, 2 * 24 * 40])  # one batch per shape; batches of 2 matrices
+def test_bucketed_step_equals_per_matrix_torch_muon(chunk, monkeypatch):
+    """Same-shaped matrices and expert stacks orthogonalised in one batch (or in chunks, as on a CPU),
+    each as torch would."""
+    from mellum2.train import muon
+
+    if chunk is not None:
+        monkeypatch.setattr(muon, "_CPU_CHUNK_NUMEL", chunk)
     torch.manual_seed(5)
     shapes = [(24, 40), (24, 40), (40, 24), (3, 24, 40), (24, 40), (2, 40, 24), (16, 16)]
     p0 = [torch.randn(s) for s in shapes]
