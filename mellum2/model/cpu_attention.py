@@ -90,8 +90,8 @@ class _Attention(torch.autograd.Function):
         q_r, do_r = rows(q), rows(do.to(q.dtype))
         lse_r, delta_r = rows(lse), rows((do.float() * o.float()).sum(-1))
         args = (q_r, k, v, do_r, lse_r, delta_r, mask, ctx.is_causal, ctx.window, r, ctx.block_rows)
-        dq, dk, dv = _backward(*args) if torch.compiler.is_compiling() or B * H * T * S < _COMPILE_FROM \
-            else _compiled_backward(*args)  # inductor fuses the fp32 passes: 22 vs 43 ms eager (docstring sizes)
+        # compiled (inductor fuses the fp32 passes: 22 vs 43 ms eager at the docstring's sizes) when large
+        dq, dk, dv = (_compiled_backward if B * H * T * S >= _COMPILE_FROM else _backward)(*args)
         return dq.reshape(B, G, T, r, d).transpose(2, 3).reshape(B, H, T, d), dk, dv, None, None, None, None
 
 

@@ -75,7 +75,7 @@ class _LinearCE(torch.autograd.Function):
                 None if gw_VD is None else gw_VD * g.to(gw_VD.dtype), None, None, None, None)
 
 
-def linear_ce(x_BTD: Tensor, weight_VD: Tensor, labels_BT: Tensor, shift: int, chunk_fn=None,
+def linear_ce(x_BTD: Tensor, weight_VD: Tensor, labels_BT: Tensor, shift: int,
               chunk_elements: int = CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
     """Mean CE of (x W^T)[:, t] against labels[:, t + shift] over labels != -100 (0 if none), and
     the number of those labels: `shifted_ce(x @ W.T, labels, shift)` without the logits.
@@ -88,7 +88,6 @@ def linear_ce(x_BTD: Tensor, weight_VD: Tensor, labels_BT: Tensor, shift: int, c
     tgt_N = labels_BT[:, shift:shift + T_pred].reshape(-1)
     n = (tgt_N != -100).sum()
     rows = max(1, chunk_elements // weight_VD.shape[0])
-    if chunk_fn is None:
-        chunk_fn = _compiled_chunk if min(rows, x_ND.shape[0]) * weight_VD.shape[0] >= _COMPILE_FROM else ce_chunk
+    chunk_fn = _compiled_chunk if min(rows, x_ND.shape[0]) * weight_VD.shape[0] >= _COMPILE_FROM else ce_chunk
     loss_sum = _LinearCE.apply(x_ND, weight_VD, tgt_N, dtype, rows, chunk_fn)
     return loss_sum / n.clamp(min=1), n

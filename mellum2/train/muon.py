@@ -15,8 +15,8 @@ What is added over torch's:
   `zeropower_looped` is the obviously correct per-matrix reference (tests/test_muon.py).
 - matrices of the same shape (the experts of all layers, every layer's q_proj, ...) are stacked and
   orthogonalised in one batched Newton-Schulz per shape (in chunks of at most 128M elements, 2M on
-  a CPU, where a chunk then stays in cache); a
-  shape held by a single 2-D matrix takes torch's exact 2-D path.
+  a CPU, where a chunk then stays in cache); a shape held by a single 2-D matrix takes torch's exact
+  2-D path.
 - `lr` may be a 0-d tensor (schedules then never change a Python constant under torch.compile).
 - FSDP2 / DTensor parameters (train/parallel.py). Decision: FSDP2 shards dim 0, which for an expert
   stack means whole experts per rank, so 3-D parameters are orthogonalised locally with no
@@ -160,7 +160,7 @@ class Muon(torch.optim.Optimizer):
                 if len(items) == 1 and items[0][1].ndim == 2:  # exactly torch.optim.Muon's 2-D path
                     self._apply(items[0][0], zeropower(items[0][1], **ns), lr, wd, group)
                     continue
-                for chunk in _chunks(items, _CPU_CHUNK_NUMEL if items[0][1].device.type == "cpu" else _BUCKET_NUMEL):
+                for chunk in _chunks(items, _max_batch_numel(items[0][1].device)):
                     u_NRC = torch.cat([u.bfloat16().reshape(-1, *u.shape[-2:]) for _, u in chunk])
                     o_NRC = zeropower(u_NRC, **ns)
                     start = 0
@@ -186,6 +186,10 @@ _BUCKET_NUMEL = 1 << 27  # at most 128M elements (256 MB in bf16) orthogonalised
 # on a CPU, batches of ~2M elements (4 MB in bf16) keep the five Newton-Schulz steps in L2: Muon's step
 # on `tiny` 130 -> 98 ms at 2 threads (1M: 132, 4M: 102); the result is the same (matrices are independent)
 _CPU_CHUNK_NUMEL = 1 << 21
+
+
+def _max_batch_numel(device) -> int:
+    return _CPU_CHUNK_NUMEL if device.type == "cpu" else _BUCKET_NUMEL
 
 
 def _chunks(items, max_numel: int):
