@@ -155,3 +155,27 @@ def test_bad_arguments():
     c = KVCache(cfg, 2, 8)
     with pytest.raises(ValueError, match="rows"):
         c.begin(torch.zeros(3, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("T", [1, 3])
+def test_few_query_attention_equals_sdpa(dtype, tol, T):
+    """The written-out attention a compiled CPU step traces (T <= 8 queries) equals SDPA with GQA and
+    an additive mask: a causal block over T new tokens at per-row positions, plus a window."""
+    from mellum2.infer.kvcache import _few_queries
+
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    B, H, G, S, d = 2, 4, 2, 40, 16
+    q = torch.randn(B, H, T, d, generator=g).to(dtype)
+    k, v = (torch.randn(B, G, S, d, generator=g).to(dtype) for _ in range(2))
+    pos_BT = torch.tensor([[20], [33]]) + torch.arange(T)
+    dist = pos_BT[:, :, None] - torch.arange(S)
+    mask = torch.where(((dist >= 0) & (dist < 12))[:, None], 0.0, float("-inf")).to(dtype)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = _few_queries(q, k, v, mask)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max() < tol
+    other = _few_queries(q, k.roll(1, 1), v.roll(1, 1), mask)  # kv heads matched to the wrong query heads
+    assert (other.float() - want.float()).abs().max() > 10 * tol

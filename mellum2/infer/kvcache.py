@@ -178,5 +178,22 @@ def write(K_BGSd, V_BGSd, rows, k_BGTd, v_BGTd) -> None:
 
 def sdpa(q_BHTd, k_BGSd, v_BGSd, mask_B1TS):
     """Attention of H query heads over G kv heads (GQA) with an additive mask (0 or -inf)."""
+    if torch.compiler.is_compiling() and q_BHTd.shape[2] <= 8 and q_BHTd.device.type == "cpu":
+        return _few_queries(q_BHTd, k_BGSd, v_BGSd, mask_B1TS)
     return F.scaled_dot_product_attention(q_BHTd, k_BGSd.to(q_BHTd.dtype), v_BGSd.to(q_BHTd.dtype),
                                           attn_mask=mask_B1TS, enable_gqa=q_BHTd.shape[1] != k_BGSd.shape[1])
+
+
+def _few_queries(q_BHTd, k_BGSd, v_BGSd, mask_B1TS):
+    """SDPA written out for a decode or verify step (T <= 8 queries) traced into a compiled CPU step:
+    inductor fuses scores, mask, softmax and the weighted sum into a few loops over the cache, where
+    the CPU flash-attention kernel it would otherwise call costs ~60 us a layer for one query.
+    The r = H/G query heads that share a kv head are stacked along the query axis."""
+    B, H, T, d = q_BHTd.shape
+    G = k_BGSd.shape[1]
+    q_BGRd = q_BHTd.reshape(B, G, (H // G) * T, d)  # head h -> kv head h // (H/G), as enable_gqa
+    k, v = k_BGSd.to(q_BHTd.dtype), v_BGSd.to(q_BHTd.dtype)
+    s_BGRS = torch.matmul(q_BGRd, k.transpose(-1, -2)) * d ** -0.5
+    s_BGRS = (s_BGRS.view(B, G, H // G, T, -1) + mask_B1TS[:, :, None]).view(B, G, (H // G) * T, -1)
+    p_BGRS = torch.softmax(s_BGRS.float(), -1).to(q_BHTd.dtype)
+    return torch.matmul(p_BGRS, v).view(B, H, T, d)
