@@ -33,6 +33,23 @@ def test_grouped_equals_loop_forward_and_backward(T):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_grouped_without_grad_equals_loop(dtype, tol):
+    """Without autograd (inference) gate and up are two grouped matmuls, not one over a copied
+    concatenation: same output as the loop and as the training path."""
+    cfg, m = _moe()
+    m.to(dtype)
+    x = torch.randn(1, 37, cfg.hidden_size, dtype=dtype)
+    m.experts.impl = "grouped"
+    train_path, _ = m(x)
+    with torch.no_grad():
+        a, _ = m(x)
+        m.experts.impl = "loop"
+        b, _ = m(x)
+    torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(a.float(), train_path.detach().float(), rtol=tol, atol=tol)
+
+
 def test_grouped_equals_loop_bf16_autocast():
     cfg, m = _moe()
     x = torch.randn(1, 50, cfg.hidden_size)

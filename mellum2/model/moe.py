@@ -73,11 +73,15 @@ class Experts(nn.Module):
         src_R = torch.full((rows,), T, dtype=torch.long, device=x_TD.device)
         src_R[dest_S] = torch.arange(T * K, device=x_TD.device) // K
         x_RD = torch.cat([x_TD.to(dt), x_TD.new_zeros(1, D, dtype=dt)]).index_select(0, src_R)
-        # gate and up in one grouped matmul (each expert's [D, 2I]): half the calls, a wider GEMM, and
-        # one gradient matmul for x in backward (bf16 tiny, experts fwd+bwd: 36 -> 26 ms). The two stay
-        # separate parameters (Muon orthogonalises each matrix; the released layout keeps them apart).
-        gu_ED2I = torch.cat([self.gate_proj.to(dt), self.up_proj.to(dt)], 1).transpose(1, 2)
-        g_RI, u_RI = self.gmm(x_RD, gu_ED2I, offs=offs_E).chunk(2, dim=-1)
+        if torch.is_grad_enabled() and (self.gate_proj.requires_grad or self.up_proj.requires_grad):
+            # training: gate and up in one grouped matmul (each expert's [D, 2I]): a wider GEMM and one
+            # gradient matmul for x in backward (bf16 tiny, experts fwd+bwd: 36 -> 26 ms). The two stay
+            # separate parameters (Muon orthogonalises each matrix; the released layout keeps them apart).
+            gu_ED2I = torch.cat([self.gate_proj.to(dt), self.up_proj.to(dt)], 1).transpose(1, 2)
+            g_RI, u_RI = self.gmm(x_RD, gu_ED2I, offs=offs_E).chunk(2, dim=-1)
+        else:  # inference (a prefill): no copy of the weights for the concatenation, two matmuls
+            g_RI = self.gmm(x_RD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
+            u_RI = self.gmm(x_RD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
         y_RD = self.gmm(F.silu(g_RI) * u_RI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
         y_TKD = y_RD.index_select(0, dest_S).view(T, K, D)  # back to slot order
         return (y_TKD * w_TK.to(dt)[..., None]).sum(1)
