@@ -1,4 +1,5 @@
 """mellum2.allocator: freed large tensors are reused instead of faulted in again (glibc only)."""
+import ctypes
 import os
 import subprocess
 import sys
@@ -40,7 +41,6 @@ def probe(env_extra):
 
 
 def _glibc_with_mallinfo2():
-    import ctypes
     try:
         return sys.platform.startswith("linux") and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
     except OSError:

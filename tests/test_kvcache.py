@@ -5,9 +5,10 @@ tiny (test-small: 8, test-small2: 5) so every test runs far past the ring buffer
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mellum2 import Mellum2, ModelConfig
-from mellum2.infer.kvcache import KVCache
+from mellum2.infer.kvcache import KVCache, _few_queries
 from mellum2.model.accounting import kv_cache_bytes
 
 
@@ -162,10 +163,6 @@ def test_bad_arguments():
 def test_few_query_attention_equals_sdpa(dtype, tol, T):
     """The written-out attention a compiled CPU step traces (T <= 8 queries) equals SDPA with GQA and
     an additive mask: a causal block over T new tokens at per-row positions, plus a window."""
-    from mellum2.infer.kvcache import _few_queries
-
-    import torch.nn.functional as F
-
     g = torch.Generator().manual_seed(0)
     B, H, G, S, d = 2, 4, 2, 40, 16
     q = torch.randn(B, H, T, d, generator=g).to(dtype)

@@ -170,16 +170,18 @@ class _Step:
 def write(K_BGSd, V_BGSd, rows, k_BGTd, v_BGTd) -> None:
     """Store k/v of T tokens at per-row slots, in place, no host sync: one index_copy_ per tensor over
     the buffer viewed as [B*G*S, d] (`KVCache._rows`). Not scatter_: on a CPU a bf16 scatter_ costs
-    ~30 us for one token's 2 x 64 values, index_copy_ ~2.4 us (fp32 scatter_ ~1.6 us)."""
-    d = K_BGSd.shape[-1]
+    ~30 us for one token's 2 x 64 values, index_copy_ ~2.4 us (fp32 scatter_ ~1.6 us).
+    Traced into a compiled step it is one index_put_ on the 4-D buffer instead: inductor updates that
+    in place, where an in-place op on a view of a buffer written twice in one graph (the MTP layer's,
+    in a speculative step) made it clone the whole buffer first."""
     if torch.compiler.is_compiling():
         B, G, S, _ = K_BGSd.shape
-        T = k_BGTd.shape[2]
-        r = rows.view(B, G, T)
+        r = rows.view(B, G, -1)
         idx = (r // (G * S), (r // S) % G, r % S)
         K_BGSd.index_put_(idx, k_BGTd.to(K_BGSd.dtype))
         V_BGSd.index_put_(idx, v_BGTd.to(V_BGSd.dtype))
         return
+    d = K_BGSd.shape[-1]
     K_BGSd.view(-1, d).index_copy_(0, rows, k_BGTd.reshape(-1, d).to(K_BGSd.dtype))
     V_BGSd.view(-1, d).index_copy_(0, rows, v_BGTd.reshape(-1, d).to(V_BGSd.dtype))
 
