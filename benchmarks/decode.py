@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mellum2.allocator import keep_freed_memory  # noqa: E402
 from mellum2 import Mellum2, ModelConfig, load_pretrained  # noqa: E402
-from mellum2.infer.cli import load_draft_vocab, resolve_model_dir, resolve_tokenizer  # noqa: E402
+from mellum2.infer.cli import CliError, load_draft_vocab, resolve_model_dir, resolve_tokenizer  # noqa: E402
 from mellum2.infer.engine import Engine  # noqa: E402
 from mellum2.infer.sampling import SamplingParams  # noqa: E402
 
@@ -125,7 +125,10 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()
     if args.model:
-        mdir = resolve_model_dir(args.model)
+        try:
+            mdir = resolve_model_dir(args.model)
+        except CliError as e:
+            p.error(str(e))
     else:
         mdir = Path(tempfile.mkdtemp(prefix="mellum2-bench-")) / "tiny"
         torch.manual_seed(0)
