@@ -7,7 +7,8 @@ orthogonalise every expert's matrix separately and the released per-expert layou
 
 Two expert paths that must agree (tests/test_moe.py): `grouped` (sort token-slots by expert, one
 `torch.nn.functional.grouped_mm` for gate and up together when training (one each without
-autograd, which spares copying both weight stacks) and one for down, no capacity, no dropping) and `loop` (the obvious per-expert reference). On the CPU in bf16 the grouped path rounds
+autograd, which spares copying both weight stacks) and one for down, no capacity, no dropping)
+and `loop` (the obvious per-expert reference). On the CPU in bf16 the grouped path rounds
 every expert's group up to a multiple of a few rows (`Experts.pad_of`): oneDNN compiles a kernel per
 new GEMM shape, and a training step's routing is new every step.
 
