@@ -15,8 +15,10 @@ import torch
 
 
 class CompiledOrEager:
-    def __init__(self, fn, what: str):
-        self.fn, self.what = fn, what
+    def __init__(self, fn, what: str, recompile_limit: int | None = None):
+        """recompile_limit: shapes compiled before further ones run eagerly (dynamo's default, 8,
+        unless given; the limit is per function)."""
+        self.fn, self.what, self.recompile_limit = fn, what, recompile_limit
         self.compiled = None  # None: not yet compiled; False: compiling failed, eager from now on
 
     def __call__(self, *args):
@@ -26,7 +28,10 @@ class CompiledOrEager:
             self.compiled = torch.compile(self.fn, dynamic=False)
         if self.compiled is not False:
             try:
-                return self.compiled(*args)
+                if self.recompile_limit is None:
+                    return self.compiled(*args)
+                with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+                    return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 (inductor raises many kinds; the eager path is always right)
                 warnings.warn(f"mellum2: compiling {self.what} failed ({type(e).__name__}: {e}); "
                               "running it eagerly", stacklevel=2)

@@ -35,6 +35,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..model.compiled import CompiledOrEager
+
 try:  # DTensor exists in every torch we support; guarded so a stripped build still imports
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover
@@ -136,7 +138,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            lr, wd, mu, nesterov = group["lr"], group["weight_decay"], group["momentum"], group["nesterov"]
             ns = dict(coeffs=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"])
             # matrices of one shape are orthogonalised together (one batched Newton-Schulz per bucket):
             # on CPU a layer's small matrices are dominated by per-op overhead otherwise
@@ -150,36 +152,68 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 g, buf = _local(p.grad), _local(state["momentum_buffer"])
-                buf.lerp_(g, 1 - mu)
-                u = g.lerp(buf, mu) if group["nesterov"] else buf
                 if DTensor is not None and isinstance(p, DTensor) and not _experts_whole_on_rank(p):
+                    u = _momentum(g, buf, mu, nesterov)
                     self._apply(p, self._gathered(u, p, ns), lr, wd, group)
-                elif u.numel():
-                    buckets.setdefault(tuple(u.shape[-2:]), []).append((p, u))
+                elif g.numel():
+                    buckets.setdefault(tuple(g.shape[-2:]), []).append((p, g, buf))
             for items in buckets.values():
                 if len(items) == 1 and items[0][1].ndim == 2:  # exactly torch.optim.Muon's 2-D path
-                    self._apply(items[0][0], zeropower(items[0][1], **ns), lr, wd, group)
+                    p, g, buf = items[0]
+                    self._apply(p, zeropower(_momentum(g, buf, mu, nesterov), **ns), lr, wd, group)
                     continue
                 for chunk in _chunks(items, _max_batch_numel(items[0][1].device)):
-                    u_NRC = torch.cat([u.bfloat16().reshape(-1, *u.shape[-2:]) for _, u in chunk])
-                    o_NRC = zeropower(u_NRC, **ns)
-                    start = 0
-                    for p, u in chunk:
-                        n = u.numel() // (u.shape[-2] * u.shape[-1])
-                        self._apply(p, o_NRC[start:start + n].view(u.shape), lr, wd, group)
-                        start += n
+                    args = ([_local(p) for p, _, _ in chunk], [g for _, g, _ in chunk], [b for _, _, b in chunk])
+                    scales = [update_scale(p.shape, group["adjust_lr_fn"]) for p, _, _ in chunk]
+                    if sum(g.numel() for g in args[1]) >= _COMPILE_FROM:
+                        # fused momentum, casts, normalisation, decay and update: 95 -> 70 ms a `tiny` step
+                        lr_t = torch.as_tensor(lr, dtype=torch.float32, device=args[0][0].device)
+                        _compiled_chunk_update(*args, lr_t, wd, mu, nesterov, scales, *ns.values())
+                    else:
+                        _chunk_update(*args, lr, wd, mu, nesterov, scales, *ns.values())
         return loss
 
     @staticmethod
     def _apply(p, o: Tensor, lr, wd: float, group) -> None:
         """Decoupled weight decay, then the scaled orthogonal update, on this rank's part of p."""
-        w = _local(p)
-        scale = update_scale(p.shape, group["adjust_lr_fn"])
-        w.mul_(1 - lr * wd)
-        if isinstance(lr, Tensor):
-            w.sub_(o.to(w.dtype) * (lr * scale).to(w.dtype))
-        else:
-            w.add_(o, alpha=-(lr * scale))
+        _decay_and_update(_local(p), o, lr, wd, update_scale(p.shape, group["adjust_lr_fn"]))
+
+
+def _momentum(g: Tensor, buf: Tensor, mu: float, nesterov: bool) -> Tensor:
+    """EMA momentum in place (`buf <- lerp(buf, g, 1 - mu)`); the update direction (Nesterov or not)."""
+    buf.lerp_(g, 1 - mu)
+    return g.lerp(buf, mu) if nesterov else buf
+
+
+def _decay_and_update(w: Tensor, o: Tensor, lr, wd: float, scale: float) -> None:
+    w.mul_(1 - lr * wd)
+    if isinstance(lr, Tensor):
+        w.sub_(o.to(w.dtype) * (lr * scale).to(w.dtype))
+    else:
+        w.add_(o, alpha=-(lr * scale))
+
+
+def _chunk_update(ws, gs, bufs, lr, wd, mu, nesterov, scales, coeffs, steps, eps) -> None:
+    """Muon's step for same-shape matrices (ws: this rank's weights, gs grads, bufs momenta; each
+    [R, C] or [E, R, C] with the same R, C): momentum, one batched Newton-Schulz over all their
+    matrices, decay and update, all in place."""
+    u_NRC = torch.cat([_momentum(g, b, mu, nesterov).bfloat16().reshape(-1, *g.shape[-2:])
+                       for g, b in zip(gs, bufs)])
+    o_NRC = zeropower(u_NRC, coeffs, steps, eps)
+    start = 0
+    for w, g, scale in zip(ws, gs, scales):
+        n = g.numel() // (g.shape[-2] * g.shape[-1])
+        _decay_and_update(w, o_NRC[start:start + n].view(g.shape), lr, wd, scale)
+        start += n
+
+
+# Large chunks run compiled: inductor fuses the element-wise passes around the matmuls (momentum,
+# bf16 cast, concatenation, normalisation, decay, update) into a few kernels. Same operations, so the
+# same result up to fp32 rounding inside the fused passes (the Newton-Schulz matmuls are the same
+# calls); tests/test_muon.py bounds the difference. Small chunks (tests, toy models) stay eager and
+# bit for bit equal to torch.optim.Muon per matrix.
+_COMPILE_FROM = 1 << 20  # elements in a chunk
+_compiled_chunk_update = CompiledOrEager(_chunk_update, "Muon's update", recompile_limit=64)
 
 
 _BUCKET_NUMEL = 1 << 27  # at most 128M elements (256 MB in bf16) orthogonalised in one batch
