@@ -167,3 +167,47 @@ def test_optimiser_split_of_mellum2():
     assert all(p.ndim in (2, 3) for g in opts.muon.param_groups for p in g["params"])
     opts.set_lr(0.5)
     assert all(g["lr"] == 0.5 for o in opts.list for g in o.param_groups)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("max_norm", [1.0, 1e3, float("inf")])
+def test_clip_grad_norm_matches_torch(compiled, max_norm, monkeypatch):
+    """optim.clip_grad_norm (the trainer's; compiled for >= 1M gradient elements) against
+    torch.nn.utils.clip_grad_norm_: same norm, same scaled gradients; inf only measures."""
+    from mellum2.train import optim
+
+    monkeypatch.setattr(optim, "_CLIP_COMPILE_FROM", 0 if compiled else 1 << 40)
+    monkeypatch.setattr(optim._compiled_clip, "compiled", None)
+    torch.manual_seed(6)
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in [(64, 32), (4, 16, 8), (100,), (3,)]]
+    grads = [torch.randn(p.shape) * 3 for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    norm = optim.clip_grad_norm(ps + [torch.nn.Parameter(torch.zeros(2))], max_norm)  # one without grad
+    ref_ps = [torch.nn.Parameter(torch.zeros(p.shape)) for p in ps]
+    for p, g in zip(ref_ps, grads):
+        p.grad = g.clone()
+    ref = torch.nn.utils.clip_grad_norm_(ref_ps, max_norm)
+    if compiled:
+        assert optim._compiled_clip.compiled not in (None, False)  # compiled, and compiling worked
+        torch.testing.assert_close(norm, ref, rtol=1e-6, atol=0)
+        for p, r in zip(ps, ref_ps):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=1e-7)
+    else:
+        assert optim._compiled_clip.compiled is None
+        assert torch.equal(norm, ref)
+        assert all(torch.equal(p.grad, r.grad) for p, r in zip(ps, ref_ps))
+    scaled = max_norm < norm
+    assert scaled == (max_norm == 1.0)  # the case that clips is tested, and the others leave grads alone
+    if not scaled:
+        assert all(torch.equal(p.grad, g) for p, g in zip(ps, grads))
+
+
+def test_clip_grad_norm_reports_a_non_finite_norm(monkeypatch):
+    from mellum2.train import optim
+
+    monkeypatch.setattr(optim, "_CLIP_COMPILE_FROM", 0)
+    p = torch.nn.Parameter(torch.zeros(8, 8))
+    p.grad = torch.ones(8, 8)
+    p.grad[3, 3] = float("nan")
+    assert not torch.isfinite(optim.clip_grad_norm([p], 1.0))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.compiled import CompiledOrEager
 from .muon import Muon
 
 # name fragments that are removed by wrappers we might see (compile, checkpoint wrappers)
@@ -85,3 +86,29 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.1, bet
                                {"params": groups["adamw_nodecay"], "weight_decay": 0.0}],
                               lr=lr, betas=betas, eps=eps, fused=True)
     return Optimizers(muon, adamw)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (same formula: total 2-norm, grads scaled by
+    min(1, max_norm / (norm + 1e-6))); max_norm = inf only measures. Plain tensors of >= 1M elements
+    in all run compiled: the per-tensor norms and the scaling fused into two passes (tiny: 12.0 ->
+    8.5 ms a step on this CPU); sharded (DTensor) gradients take torch's function."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    if any(hasattr(g, "full_tensor") for g in grads) or sum(g.numel() for g in grads) < _CLIP_COMPILE_FROM:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return _compiled_clip(grads, float(max_norm))
+
+
+def _clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if max_norm != float("inf"):
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm
+
+
+_CLIP_COMPILE_FROM = 1 << 20
+_compiled_clip = CompiledOrEager(_clip, "gradient clipping")

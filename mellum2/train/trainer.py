@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import TrainingDiverged
+from .optim import clip_grad_norm
 from .parallel import CountTap, Dist, all_reduce_sum
 
 STATS = ("ce_sum", "n1", "mtp_sum", "n2", "lb_sum", "z_sum", "n_mb")
@@ -123,10 +124,7 @@ class Trainer:
             row.append(torch.ones((), device=dev))
             stats += torch.stack([r.double() for r in row])
             obj.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"), foreach=False)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
         lr = self.schedule(self.step)
         ok = bool(torch.isfinite(norm))  # the one host sync per step (see the module docstring)
         if ok:
