@@ -14,7 +14,8 @@ ours; its fastest is the peer. Ours with MTP on (the real recipe) is reported to
 `ours_compiled` is our step with `--compile` (torch.compile per decoder layer, inductor on CPU),
 bf16 only (torch's grouped_mm compiles only in bf16; fp32 would graph-break at every expert matmul).
 Timings: all configurations live in one process and are timed interleaved, round by round (best
-round counts), so a shared machine's changing load falls on all alike; one precision after the other,
+round counts; the ratios are also given as the median over rounds of each round's own ratio, which
+one side's lucky round cannot move), so a shared machine's changing load falls on all alike; one precision after the other,
 each warmed up first, and in every round each model runs one untimed pass before its timed ones (the
 first pass after another model's, or after the other precision, ran up to 2x slower here and had
 made an earlier version of this script misreport fwd+bwd). Peak RSS: each configuration
@@ -173,6 +174,7 @@ def main():
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     built = {k: build(k, a.batch, a.seq) for k in kinds}
     best: dict = {}
+    times: dict = {}  # every round's time, for the per-round (paired) ratios
     for prec in precs:  # one precision at a time: switching dtypes makes oneDNN rebuild its kernels
         for k, (fb, st, _) in built.items():
             if prec in _precs(k, precs):
@@ -188,6 +190,7 @@ def main():
                     fn(prec)
                     dt = time.perf_counter() - t0
                     best[(k, prec, name)] = min(best.get((k, prec, name), float("inf")), dt)
+                    times.setdefault((k, prec, name), []).append(dt)
     tok = a.batch * a.seq
     res = {"benchmark": "train_throughput", "preset": "tiny", "batch": a.batch, "seq": a.seq,
            "threads": torch.get_num_threads(), "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()}}
@@ -210,8 +213,8 @@ def main():
             res[f"{k}_{prec}"] = {"fwd_bwd_tok_s": fb_s, "step_tok_s": st_s, "step_gflops": gf,
                                   "step_share_of_peak": gf * 1e9 / peaks[prec], "peak_rss_mib": rss,
                                   "train_flops_per_token": fpt}
-            print(f"{k:<16}{prec:>6}{fb_s:>15,.0f}{st_s:>12,.0f}{gf:>9.1f}{gf * 1e9 / peaks[prec]:>9.1%}"
-                  f"{rss:>8,.0f}Mi")
+            rss_s = "-" if rss != rss else f"{rss:,.0f}Mi"
+            print(f"{k:<16}{prec:>6}{fb_s:>15,.0f}{st_s:>12,.0f}{gf:>9.1f}{gf * 1e9 / peaks[prec]:>9.1%}{rss_s:>10}")
     for prec in precs:
         hf = {k: res[f"{k}_{prec}"] for k in ("hf_eager", "hf_grouped_mm") if f"{k}_{prec}" in res}
         peer_fb = max(hf, key=lambda k: hf[k]["fwd_bwd_tok_s"])
@@ -222,8 +225,17 @@ def main():
             o = res[f"{ours}_{prec}"]
             res[f"ratio_{ours}_fwd_bwd_{prec}"] = o["fwd_bwd_tok_s"] / hf[peer_fb]["fwd_bwd_tok_s"]
             res[f"ratio_{ours}_step_{prec}"] = o["step_tok_s"] / hf[peer_st]["step_tok_s"]
+            # drift-robust companion: in each round, the faster transformers time over ours, then the
+            # median over rounds (a lucky fast round of one side alone cannot move it)
+            paired = {}
+            for name in ("fwd_bwd", "step"):
+                peer_t = [min(ts) for ts in zip(*(times[(h, prec, name)] for h in hf))]
+                rs = sorted(p_ / o_ for p_, o_ in zip(peer_t, times[(ours, prec, name)]))
+                paired[name] = rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
+                res[f"ratio_{ours}_{name}_{prec}_paired_median"] = paired[name]
             print(f"{prec}: {ours} / transformers' fastest ({peer_fb}, {peer_st}): fwd+bwd "
-                  f"{res[f'ratio_{ours}_fwd_bwd_{prec}']:.2f}x, full step {res[f'ratio_{ours}_step_{prec}']:.2f}x")
+                  f"{res[f'ratio_{ours}_fwd_bwd_{prec}']:.2f}x, full step {res[f'ratio_{ours}_step_{prec}']:.2f}x "
+                  f"(median of per-round ratios: {paired['fwd_bwd']:.2f}x, {paired['step']:.2f}x)")
         res[f"peer_{prec}"] = peer_st
     print(json.dumps(res))
 
