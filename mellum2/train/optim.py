@@ -81,7 +81,7 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.1, bet
     muon = Muon(groups["muon"], lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
                 adjust_lr_fn="match_rms_adamw")
     # fused: one kernel per tensor for the whole update (CPU and CUDA, plain and DTensor parameters):
-    # 3.3 vs 9.4 ms a `tiny` step on this CPU than one op at a time (foreach=False) or foreach
+    # 3.3 ms a `tiny` step on this CPU, against 9.4 one op at a time (foreach=False) and 9.6 foreach
     adamw = torch.optim.AdamW([{"params": groups["adamw_decay"], "weight_decay": weight_decay},
                                {"params": groups["adamw_nodecay"], "weight_decay": 0.0}],
                               lr=lr, betas=betas, eps=eps, fused=True)
