@@ -54,11 +54,15 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
     assert [(r["loss"], r["grad_norm"]) for r in _recs(three)] == [(r["loss"], r["grad_norm"]) for r in b]
 
 
-def _muon_worker(rank, world, init, out_file):
+def _muon_worker(rank, world, init, out_file, compile_from=None):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    from mellum2.train import muon
     from mellum2.train.muon import Muon
+
+    if compile_from is not None:
+        muon._COMPILE_FROM = compile_from
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -83,12 +87,20 @@ def _muon_worker(rank, world, init, out_file):
     dist.destroy_process_group()
 
 
-def test_muon_on_fsdp_sharded_parameters_equals_unsharded(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_muon_on_fsdp_sharded_parameters_equals_unsharded(tmp_path, compiled, monkeypatch):
+    """Sharded (FSDP2) Muon equals unsharded Muon; `compiled`: every chunk through the compiled update,
+    which then edits the ranks' local shards of the expert stacks in place."""
     out = tmp_path / "res.pt"
-    mp.spawn(_muon_worker, args=(2, f"file://{tmp_path}/pg", str(out)), nprocs=2, join=True)
+    mp.spawn(_muon_worker, args=(2, f"file://{tmp_path}/pg", str(out), 0 if compiled else None), nprocs=2,
+             join=True)
     res = torch.load(out, weights_only=True)
     assert all("Shard(dim=0)" in v for v in res["placements"].values())
+    from mellum2.train import muon
     from mellum2.train.muon import Muon
+
+    if compiled:
+        monkeypatch.setattr(muon, "_COMPILE_FROM", 0)
 
     torch.manual_seed(0)
     shapes = {"w2": (12, 20), "w2t": (20, 12), "e3": (4, 6, 10), "odd3": (3, 8, 6)}
