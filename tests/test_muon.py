@@ -1,5 +1,6 @@
 """Muon (mellum2/train/muon.py) against torch.optim.Muon, the 3-D expert path against per-expert
-Muon, and the optimiser split of a Mellum2 (mellum2/train/optim.py)."""
+Muon, the compiled chunk update against the eager one, the optimiser split of a Mellum2 and the
+trainer's gradient clipping against torch's (mellum2/train/optim.py)."""
 import pytest
 import torch
 
