@@ -105,6 +105,33 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert f(torch.tensor(4.0)).item() == 8.0  # eager from then on, no second warning
 
 
+def test_in_place_functions_are_not_rerun_after_a_run_time_error(monkeypatch):
+    """CompiledOrEager(in_place=True) (Muon's update, clipping): a failed compile falls back to eager;
+    an error raised while the compiled code ran is raised, since the inputs may already be edited."""
+    def double_(a):
+        a.mul_(2)
+
+    def compile_then(error):
+        def fake_compile(fn, **kw):
+            def run(a):
+                a.mul_(2)  # the compiled code got as far as editing its input
+                raise error
+            return run
+        monkeypatch.setattr(torch, "compile", fake_compile)
+
+    compile_then(RuntimeError("a kernel failed"))
+    a = torch.ones(3)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        CompiledOrEager(double_, "doubling", in_place=True)(a)
+    assert a.tolist() == [2.0, 2.0, 2.0]  # applied once, not again eagerly
+    # a compile failure (dynamo / inductor raise TorchDynamoException subclasses) still falls back
+    compile_then(torch._dynamo.exc.InternalTorchDynamoError("no C++ compiler"))
+    f, b = CompiledOrEager(lambda x: x.mul_(2), "doubling", in_place=True), torch.ones(3)
+    with pytest.warns(UserWarning, match="compiling doubling failed"):
+        f(b)
+    assert f.compiled is False and b.tolist() == [4.0, 4.0, 4.0]  # the fake's edit, then eager's
+
+
 @pytest.fixture(scope="module")
 def mtp_model():
     torch.manual_seed(0)

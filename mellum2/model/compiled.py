@@ -6,6 +6,9 @@ They are compiled for the shapes they see (`dynamic=False`: one compile per shap
 by inductor) even when the model itself is not (`mellum2 train` without `--compile`). Where
 compiling fails (no C++ compiler, an inductor bug) the eager function runs from then on, after one
 warning: it is always right, only slower. Inside a compiled caller the function is traced as is.
+A function that edits its inputs in place (Muon's update, gradient clipping) is re-run eagerly only
+when compiling failed (dynamo's and inductor's exceptions); an error while the compiled code ran may
+have edited some inputs already, so it is raised rather than applied twice.
 """
 from __future__ import annotations
 
@@ -15,10 +18,10 @@ import torch
 
 
 class CompiledOrEager:
-    def __init__(self, fn, what: str, recompile_limit: int | None = None):
+    def __init__(self, fn, what: str, recompile_limit: int | None = None, in_place: bool = False):
         """recompile_limit: shapes compiled before further ones run eagerly (dynamo's default, 8,
-        unless given; the limit is per function)."""
-        self.fn, self.what, self.recompile_limit = fn, what, recompile_limit
+        unless given; the limit is per function). in_place: fn edits its arguments (see above)."""
+        self.fn, self.what, self.recompile_limit, self.in_place = fn, what, recompile_limit, in_place
         self.compiled = None  # None: not yet compiled; False: compiling failed, eager from now on
 
     def __call__(self, *args):
@@ -33,6 +36,8 @@ class CompiledOrEager:
                 with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
                     return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 (inductor raises many kinds; the eager path is always right)
+                if self.in_place and not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                    raise  # raised while running: inputs may be half updated, so no eager second pass
                 warnings.warn(f"mellum2: compiling {self.what} failed ({type(e).__name__}: {e}); "
                               "running it eagerly", stacklevel=2)
                 self.compiled = False

@@ -218,7 +218,7 @@ def _chunk_update(ws, gs, bufs, lr, wd, mu, nesterov, scales, coeffs, steps, eps
 # calls); tests/test_muon.py bounds the difference. Small chunks (tests, toy models) stay eager and
 # bit for bit equal to torch.optim.Muon per matrix.
 _COMPILE_FROM = 1 << 20  # elements in a chunk
-_compiled_chunk_update = CompiledOrEager(_chunk_update, "Muon's update", recompile_limit=64)
+_compiled_chunk_update = CompiledOrEager(_chunk_update, "Muon's update", recompile_limit=64, in_place=True)
 
 
 _BUCKET_NUMEL = 1 << 27  # at most 128M elements (256 MB in bf16) orthogonalised in one batch

@@ -111,4 +111,4 @@ def _clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 _CLIP_COMPILE_FROM = 1 << 20
-_compiled_clip = CompiledOrEager(_clip, "gradient clipping")
+_compiled_clip = CompiledOrEager(_clip, "gradient clipping", in_place=True)
