@@ -229,12 +229,34 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
+    # training: q, k and v from one matmul on the concatenated weights (see _qkv)
+    fuse_qkv = True
+
+    def _plain_projections(self) -> bool:
+        # FP8 swaps in Float8Linear (train/fp8.py): those keep their own matmuls
+        return all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj))
+
+    def _qkv(self, x_BTD):
+        """q, k, v projections as one GEMM with the weights concatenated ([H d + 2 G d, D]): in
+        training one wider matmul, one weight-gradient matmul and one input-gradient matmul instead
+        of three each. The three stay separate parameters (checkpoint layout, Muon per matrix)."""
+        dt = x_BTD.dtype
+        if torch.is_autocast_enabled(x_BTD.device.type):
+            dt = torch.get_autocast_dtype(x_BTD.device.type)
+        w_FD = torch.cat([self.q_proj.weight.to(dt), self.k_proj.weight.to(dt), self.v_proj.weight.to(dt)])
+        F_q, F_kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        return F.linear(x_BTD.to(dt), w_FD).split([F_q, F_kv, F_kv], dim=-1)
+
     def forward(self, x_BTD, cos, sin, plan: AttnPlan | None, cache=None):
         B, T, _ = x_BTD.shape
         d = self.head_dim
-        q_BHTd = self.q_norm(self.q_proj(x_BTD).view(B, T, self.n_heads, d)).transpose(1, 2)
-        k_BGTd = self.k_norm(self.k_proj(x_BTD).view(B, T, self.n_kv, d)).transpose(1, 2)
-        v_BGTd = self.v_proj(x_BTD).view(B, T, self.n_kv, d).transpose(1, 2)
+        if cache is None and self.fuse_qkv and torch.is_grad_enabled() and self._plain_projections():
+            q_BTF, k_BTF, v_BTF = self._qkv(x_BTD)
+        else:
+            q_BTF, k_BTF, v_BTF = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_BHTd = self.q_norm(q_BTF.view(B, T, self.n_heads, d)).transpose(1, 2)
+        k_BGTd = self.k_norm(k_BTF.view(B, T, self.n_kv, d)).transpose(1, 2)
+        v_BGTd = v_BTF.view(B, T, self.n_kv, d).transpose(1, 2)
         q_BHTd, k_BGTd = apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin)
         if cache is not None:
             o_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
