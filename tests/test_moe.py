@@ -33,6 +33,28 @@ def test_grouped_equals_loop_forward_and_backward(T):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pad", [4, 16])
+def test_padded_groups_forward_and_backward_equal_loop(pad):
+    """Groups padded to multiples of `pad` (what bf16 on a CPU uses), checked in fp32 so the bound
+    is tight: padding rows (the zero row in, nothing back) and the unwritten rows past the last
+    group must not reach the output or any gradient (the gather-based dispatch/combine backward)."""
+    cfg, m = _moe()
+    m.experts.pad_of = lambda *a: pad
+    x = torch.randn(2, 29, cfg.hidden_size, requires_grad=True)
+    outs, grads = [], []
+    for impl in ("grouped", "loop"):
+        m.experts.impl = impl
+        m.zero_grad()
+        x.grad = None
+        y, _ = m(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_grouped_without_grad_equals_loop(dtype, tol):
     """Without autograd (inference) gate and up are two grouped matmuls, not one over a copied
@@ -133,3 +155,24 @@ def test_padded_grouped_bf16_equals_loop_forward_and_backward():
     for a, b in zip(*grads):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
+def test_expert_counts_equal_bincount():
+    from mellum2.model.moe import expert_counts
+    ids = torch.randint(0, 7, (5, 3))
+    ids[0, 0] = 0
+    counts = expert_counts(ids, 9)  # experts 7 and 8 unused: zeros, static length
+    assert torch.equal(counts, torch.bincount(ids.reshape(-1), minlength=9))
+
+
+def test_moe_layer_traces_as_one_graph():
+    """`--compile` compiles each decoder layer; a graph break inside the MoE (bincount's data-dependent
+    shape used to cause one) splits it into several graphs, each with its own guards and autograd
+    wrapper, and stops fusion across the break."""
+    torch._dynamo.reset()
+    cfg, m = _moe()
+    x = torch.randn(1, 37, cfg.hidden_size, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(m)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

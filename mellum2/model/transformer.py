@@ -29,7 +29,7 @@ from torch import nn
 from .config import ModelConfig
 from .head_loss import linear_ce
 from .layers import Attention, MaskCache, RMSNorm, Rotary, doc_ids_from_positions
-from .moe import DenseMLP, MoE, RouterOut
+from .moe import DenseMLP, MoE, RouterOut, expert_counts
 
 
 class DecoderLayer(nn.Module):
@@ -210,7 +210,7 @@ def shifted_ce(logits_BTV, labels_BT, shift: int):
 
 def load_balance_loss(routers: list[RouterOut], num_experts: int, count_reducer=None) -> torch.Tensor:
     """Mean over MoE layers of E * sum_e f_e * P_e (see module docstring)."""
-    counts_LE = torch.stack([torch.bincount(r.ids.reshape(-1), minlength=num_experts) for r in routers]).float()
+    counts_LE = torch.stack([expert_counts(r.ids, num_experts) for r in routers]).float()
     if count_reducer is not None:
         counts_LE = count_reducer(counts_LE)
     f_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
