@@ -185,3 +185,36 @@ def test_run_length_is_required(tmp_path):
     with pytest.raises(TrainError, match="--max-steps"):
         pretrain.run(["--preset", "test-small", "--out", str(tmp_path), "--data", "synthetic"])
     assert pretrain.main(["--preset", "test-small", "--out", str(tmp_path), "--data", "synthetic"]) == 1
+
+
+@pytest.mark.parametrize("mode, kw, expect, why", [
+    ("on", {}, True, "--compile on"),
+    ("off", {}, False, "--compile off"),
+    ("auto", {}, True, "compile on (auto"),
+    ("auto", {"steps": pretrain.COMPILE_AUTO_MIN_STEPS - 1}, False, "too short"),
+    ("auto", {"precision": "fp32"}, False, "fp32"),
+    ("auto", {"device_type": "cuda"}, False, "GPUs"),
+    ("auto", {"fp8": True}, False, "--fp8"),
+    ("auto", {"stage": "long-context"}, False, "long-context"),
+    ("auto", {"compiler": None}, False, "C++ compiler"),
+    ("auto", {"world": 2}, False, "several processes"),
+])
+def test_compile_auto_decision(mode, kw, expect, why):
+    args = dict(device_type="cpu", precision="bf16", fp8=False, stage="pretrain",
+                steps=pretrain.COMPILE_AUTO_MIN_STEPS, compiler="/usr/bin/g++") | kw
+    on, text = pretrain.decide_compile(mode, **args)
+    assert on is expect and why in text
+
+
+def test_compile_flag_parsing_and_the_reported_choice(tmp_path, capsys):
+    p = pretrain.build_parser()
+    assert p.parse_args([]).compile == "auto"
+    assert p.parse_args(["--compile"]).compile == "on"  # the old boolean flag keeps its meaning
+    assert p.parse_args(["--compile", "off"]).compile == "off"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--compile", "sometimes"])
+    out = tmp_path / "run"
+    pretrain.run(["--preset", "test-small", "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                  "--seq-len", "32", *FAST])
+    assert f"compile off (auto: 2 steps < {pretrain.COMPILE_AUTO_MIN_STEPS}" in capsys.readouterr().out
+    assert "compile" not in json.loads((out / "args.json").read_text())["parallel"]
