@@ -197,7 +197,6 @@ def test_run_length_is_required(tmp_path):
     ("auto", {"fp8": True}, False, "--fp8"),
     ("auto", {"stage": "long-context"}, False, "long-context"),
     ("auto", {"compiler": None}, False, "C++ compiler"),
-    ("auto", {"world": 2}, False, "several processes"),
 ])
 def test_compile_auto_decision(mode, kw, expect, why):
     args = dict(device_type="cpu", precision="bf16", fp8=False, stage="pretrain",

@@ -104,12 +104,12 @@ COMPILE_AUTO_MIN_STEPS = 500
 
 
 def decide_compile(mode: str, *, device_type: str, precision: str, fp8: bool, stage: str, steps: int,
-                   compiler: str | None, world: int = 1) -> tuple[bool, str]:
+                   compiler: str | None) -> tuple[bool, str]:
     """(compile?, why) for `--compile MODE`. `auto` compiles only where it is measured to pay and tested:
     bf16 pre-training on a CPU, long enough to repay the compile, with a C++ compiler for inductor
-    (`compiler`: its path, None when absent), in one process. GPUs, fp32 (whose expert matmuls do not
-    compile), FP8, the long-context stage and FSDP2 runs (compile with FSDP2 is not tested here) stay
-    eager unless asked for with `--compile on`."""
+    (`compiler`: its path, None when absent), in one process or several (FSDP2 on gloo: tests/test_parallel.py).
+    GPUs, fp32 (whose expert matmuls do not compile), FP8 and the long-context stage stay eager unless
+    asked for with `--compile on`."""
     if mode != "auto":
         return mode == "on", f"--compile {mode}"
     reason = None
@@ -119,8 +119,6 @@ def decide_compile(mode: str, *, device_type: str, precision: str, fp8: bool, st
         reason = "not in fp32 (the expert matmuls do not compile)"
     elif fp8:
         reason = "not with --fp8"
-    elif world > 1:
-        reason = "not with several processes (compile + FSDP2 is untested)"
     elif stage != "pretrain":
         reason = f"not for --stage {stage}"
     elif steps < COMPILE_AUTO_MIN_STEPS:
@@ -250,8 +248,7 @@ def pretrain(args) -> Path:
     model.to(d.device)
     sizes = f"{model.num_params('all') / 1e6:.1f}M parameters ({model.num_active_params('all') / 1e6:.1f}M active)"
     compile_on, compile_why = decide_compile(args.compile, device_type=d.device.type, precision=args.precision,
-                                             fp8=args.fp8, stage=args.stage, steps=total_steps, compiler=_cxx(),
-                                             world=d.world)
+                                             fp8=args.fp8, stage=args.stage, steps=total_steps, compiler=_cxx())
     if compile_on and args.compile == "auto":
         # a compile failure (an inductor bug, a broken toolchain) falls back to eager for that graph, with
         # dynamo's warning, instead of ending a run nobody asked to compile
