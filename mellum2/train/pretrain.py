@@ -176,7 +176,7 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def pretrain(args) -> Path:
+def _pretrain(args) -> Path:
     d = init_distributed(args.device)
     say = print if d.is_main else (lambda *a, **k: None)
     long_ctx = args.stage == "long-context"
@@ -344,6 +344,15 @@ def pretrain(args) -> Path:
 def run(argv: list[str] | None = None) -> Path:
     """Parse `argv` like the CLI and train; returns the output directory (for the demo)."""
     return pretrain(build_parser().parse_args(argv))
+
+
+def pretrain(args) -> Path:
+    """`_pretrain`, leaving dynamo's `suppress_errors` (which `--compile auto` sets) as it found it."""
+    suppress = torch._dynamo.config.suppress_errors
+    try:
+        return _pretrain(args)
+    finally:
+        torch._dynamo.config.suppress_errors = suppress
 
 
 def main(argv: list[str] | None = None) -> int:
