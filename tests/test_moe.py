@@ -15,32 +15,8 @@ def _moe(**kw):
     return cfg, m
 
 
-@pytest.mark.parametrize("T", [1, 3, 37])
-def test_grouped_equals_loop_forward_and_backward(T):
-    cfg, m = _moe()
-    x = torch.randn(2, T, cfg.hidden_size, requires_grad=True)
-    outs, grads = [], []
-    for impl in ("grouped", "loop"):
-        m.experts.impl = impl
-        m.zero_grad()
-        x.grad = None
-        y, r = m(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        outs.append(y.detach())
-        grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("pad", [4, 16])
-def test_padded_groups_forward_and_backward_equal_loop(pad):
-    """Groups padded to multiples of `pad` (what bf16 on a CPU uses), checked in fp32 so the bound
-    is tight: padding rows (the zero row in, nothing back) and the unwritten rows past the last
-    group must not reach the output or any gradient (the gather-based dispatch/combine backward)."""
-    cfg, m = _moe()
-    m.experts.pad_of = lambda *a: pad
-    x = torch.randn(2, 29, cfg.hidden_size, requires_grad=True)
+def _assert_grouped_equals_loop(m, x):
+    """Output and every gradient (input and parameters) of the grouped path equal the loop's, fp32."""
     outs, grads = [], []
     for impl in ("grouped", "loop"):
         m.experts.impl = impl
@@ -53,6 +29,22 @@ def test_padded_groups_forward_and_backward_equal_loop(pad):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 3, 37])
+def test_grouped_equals_loop_forward_and_backward(T):
+    cfg, m = _moe()
+    _assert_grouped_equals_loop(m, torch.randn(2, T, cfg.hidden_size, requires_grad=True))
+
+
+@pytest.mark.parametrize("pad", [4, 16])
+def test_padded_groups_forward_and_backward_equal_loop(pad):
+    """Groups padded to multiples of `pad` (what bf16 on a CPU uses), checked in fp32 so the bound
+    is tight: padding rows (the zero row in, nothing back) and the unwritten rows past the last
+    group must not reach the output or any gradient (the gather-based dispatch/combine backward)."""
+    cfg, m = _moe()
+    m.experts.pad_of = lambda *a: pad
+    _assert_grouped_equals_loop(m, torch.randn(2, 29, cfg.hidden_size, requires_grad=True))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
