@@ -31,6 +31,7 @@ The last stdout line is one JSON object.
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,8 +231,8 @@ def main():
             paired = {}
             for name in ("fwd_bwd", "step"):
                 peer_t = [min(ts) for ts in zip(*(times[(h, prec, name)] for h in hf))]
-                rs = sorted(p_ / o_ for p_, o_ in zip(peer_t, times[(ours, prec, name)]))
-                paired[name] = rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
+                rs = (p_ / o_ for p_, o_ in zip(peer_t, times[(ours, prec, name)]))
+                paired[name] = statistics.median(rs)
                 res[f"ratio_{ours}_{name}_{prec}_paired_median"] = paired[name]
             print(f"{prec}: {ours} / transformers' fastest ({peer_fb}, {peer_st}): fwd+bwd "
                   f"{res[f'ratio_{ours}_fwd_bwd_{prec}']:.2f}x, full step {res[f'ratio_{ours}_step_{prec}']:.2f}x "

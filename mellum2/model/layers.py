@@ -21,6 +21,12 @@ from . import cpu_attention
 from .config import ModelConfig
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where it is on for x's device, else x's own."""
+    dt = x.device.type
+    return torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else x.dtype
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -240,9 +246,7 @@ class Attention(nn.Module):
         """q, k, v projections as one GEMM with the weights concatenated ([H d + 2 G d, D]): in
         training one wider matmul, one weight-gradient matmul and one input-gradient matmul instead
         of three each. The three stay separate parameters (checkpoint layout, Muon per matrix)."""
-        dt = x_BTD.dtype
-        if torch.is_autocast_enabled(x_BTD.device.type):
-            dt = torch.get_autocast_dtype(x_BTD.device.type)
+        dt = compute_dtype(x_BTD)
         w_FD = torch.cat([self.q_proj.weight.to(dt), self.k_proj.weight.to(dt), self.v_proj.weight.to(dt)])
         F_q, F_kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         return F.linear(x_BTD.to(dt), w_FD).split([F_q, F_kv, F_kv], dim=-1)

@@ -21,11 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dt = x.device.type
-    return torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else x.dtype
+from .layers import compute_dtype
 
 
 class Router(nn.Module):
@@ -65,7 +61,7 @@ class Experts(nn.Module):
     def grouped(self, x_TD, ids_TK, w_TK):
         T, K = ids_TK.shape
         D = x_TD.shape[1]
-        dt = _compute_dtype(x_TD)
+        dt = compute_dtype(x_TD)
         ids_S = ids_TK.reshape(-1)  # slot s = t * K + k
         pad = self.pad_of(x_TD.device, dt, ids_S.numel())
         rows, offs_E, dest_S = group_layout(ids_S, self.num_experts, pad)
@@ -103,7 +99,7 @@ class Experts(nn.Module):
         return pad
 
     def loop(self, x_TD, ids_TK, w_TK):
-        dt = _compute_dtype(x_TD)
+        dt = compute_dtype(x_TD)
         x_TD = x_TD.to(dt)
         out_TD = torch.zeros_like(x_TD)
         for e in range(self.num_experts):

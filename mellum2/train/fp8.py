@@ -38,12 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.layers import compute_dtype
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dt = x.device.type
-    return torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else x.dtype
 
 
 def fp8_scale(x: torch.Tensor, fp8_dtype: torch.dtype, dims=None) -> torch.Tensor:
@@ -134,7 +131,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """x [..., K] @ w [N, K]^T through FP8; the output has the compute (autocast) dtype."""
-    out_dtype = _compute_dtype(x)
+    out_dtype = compute_dtype(x)
     backend = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False):
