@@ -169,9 +169,18 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--data", "/nonexistent/dir"], "/nonexistent/dir"),
     (["--preset", "nope"], "nope"),
     (["--config", "/nonexistent/config.json"], "config.json"),
+    (["--max-steps", "0"], "--max-steps: expected >= 1, got 0"),
+    (["--tokens", "-5"], "--tokens: expected >= 1, got -5"),
+    (["--data", "EMPTY_DIR"], "index.json: missing"),  # a directory that is not a prepared dataset
+    (["--out", "A_FILE"], "exists and is not a directory"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
-    args = ["--out", str(tmp_path / "o"), "--max-steps", "2", "--no-progress", "--samples", "0"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
+    bad = [{"EMPTY_DIR": str(tmp_path / "empty"), "A_FILE": str(tmp_path / "a_file")}.get(b, b) for b in bad]
+    args = ["--out", str(tmp_path / "o"), "--no-progress", "--samples", "0"]
+    if "--tokens" not in bad:  # the two are mutually exclusive
+        args += ["--max-steps", "2"]
     if "--data" not in bad:
         args += ["--data", "synthetic"]
     if "--preset" not in bad:

@@ -129,7 +129,12 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
         except ValueError as e:
             raise TrainError(f"long-context data: {e}") from None
     else:
-        loader = Loader(data_dir, **common)
+        from mellum2.data.shards import ShardError
+
+        try:
+            loader = Loader(data_dir, **common)
+        except ShardError as e:  # missing index, truncated or corrupt shard: name the file, no traceback
+            raise TrainError(f"--data {data_dir}: {e}") from None
     n = getattr(getattr(loader, "store", None), "vocab_size", None)
     if n is not None and n > vocab_size:
         raise TrainError(f"{data_dir}: its tokenizer has {n} tokens but the model's vocab_size is {vocab_size} "

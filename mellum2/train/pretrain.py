@@ -201,8 +201,13 @@ def _pretrain(args) -> Path:
     if not args.resume and ckpt.list_checkpoints(out):
         raise TrainError(f"{out} already holds checkpoints (newest {ckpt.list_checkpoints(out)[-1][1].name}); "
                          f"pass --resume to continue it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out}: exists and is not a directory")
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
 
     # ---- data and the step/token budget
     tps = args.batch_size * args.seq_len * args.grad_accum * d.world
@@ -212,8 +217,12 @@ def _pretrain(args) -> Path:
         total_steps = args.tokens // tps
     else:
         raise TrainError("give the length of the run: --max-steps N or --tokens N")
+    for name in ("max_steps", "tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if total_steps < 1:
-        raise TrainError(f"the run has {total_steps} steps ({tps} tokens per step); raise --max-steps/--tokens")
+        raise TrainError(f"--tokens {args.tokens} is less than one step ({tps} tokens per step: batch size x "
+                         f"sequence length x gradient accumulation x processes); raise --tokens or use --max-steps")
     total_tokens = total_steps * tps
     loader, data_dir = make_loader(args.data, vocab_size=cfg.vocab_size, batch_size=args.batch_size,
                                    seq_len=args.seq_len, total_tokens=total_tokens, rank=d.rank,
