@@ -197,3 +197,8 @@ def test_cli_train_info_encode(tmp_path, capsys):
     assert tok_cli(["train", "--input", str(tmp_path / "nope"), "--vocab-size", "600", "--out", str(out),
                     "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert tok_cli(["train", "--input", str(src), "--vocab-size", "600", "--out", str(a_file), "--no-progress"]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert a_file.read_text() == "x"  # nothing overwritten

@@ -173,6 +173,9 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--tokens", "-5"], "--tokens: expected >= 1, got -5"),
     (["--data", "EMPTY_DIR"], "index.json: missing"),  # a directory that is not a prepared dataset
     (["--out", "A_FILE"], "exists and is not a directory"),
+    (["--lr", "-1"], "--lr: expected a positive number, got -1"),
+    (["--clip", "-1"], "--clip: expected >= 0, got -1"),
+    (["--weight-decay", "nan"], "--weight-decay: expected >= 0, got nan"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
     (tmp_path / "empty").mkdir()

@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from .bpe import MIN_VOCAB, bytes_per_token, train_bpe
 from .special import SPECIAL_TOKENS
@@ -85,6 +86,10 @@ def train(args) -> int:
                 used[doc.domain] += len(doc.text.encode("utf-8", "replace"))
                 yield doc.text
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked before training, which can take minutes
+        print(f"mellum2 tokenizer train: --out {out}: exists and is not a directory", file=sys.stderr)
+        return 2
     t0 = time.time()
     try:
         tok = train_bpe(texts(), args.vocab_size, args.min_frequency, show_progress=not args.no_progress)
@@ -94,7 +99,11 @@ def train(args) -> int:
     except ValueError as e:
         print(f"mellum2 tokenizer train: {e} (inputs: {args.input})", file=sys.stderr)
         return 2
-    tok.save(args.out)
+    try:
+        tok.save(args.out)
+    except OSError as e:
+        print(f"mellum2 tokenizer train: --out {out}: cannot write the tokenizer ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"trained {tok.vocab_size} entries on {sum(used.values()) / 1e6:.1f} MB "
           f"({dict(n_docs)} documents) in {time.time() - t0:.1f} s -> {args.out}")
     for dom, texts_ in sorted(held.items()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -152,8 +153,14 @@ def _check_args(args, cfg) -> None:
     if args.seq_len < 16 or args.seq_len > cfg.max_position_embeddings:
         raise TrainError(f"--seq-len {args.seq_len}: expected 16..max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
-    if args.save_every < 0:
-        raise TrainError(f"--save-every: expected >= 0, got {args.save_every}")
+    for name in ("save_every", "weight_decay", "clip", "warmup_steps", "seed"):
+        v = getattr(args, name)
+        if v is not None and not v >= 0:
+            raise TrainError(f"--{name.replace('_', '-')}: expected >= 0, got {v}")
+    for name in ("lr", "peak_tflops"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise TrainError(f"--{name.replace('_', '-')}: expected a positive number, got {v}")
 
 
 def _rng_state() -> dict:
