@@ -76,3 +76,14 @@ def test_info_cli(capsys):
     assert "12,149,923,072" in out and "2,439,060,736" in out and "128K context" in out
     with pytest.raises(SystemExit):
         info.main(["--preset", "nope"])
+
+
+def test_info_cli_bad_model_is_a_clear_error(tmp_path, capsys):
+    for model, needle in ((tmp_path / "nowhere", "no config.json"), (tmp_path, "hidden_size")):
+        if model == tmp_path:
+            (tmp_path / "config.json").write_text('{"model_type": "mellum", "hidden_size": -3}')
+        with pytest.raises(SystemExit) as e:
+            info.main(["--model", str(model)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--model {model}" in err and needle in err

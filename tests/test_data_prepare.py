@@ -183,6 +183,10 @@ def test_cli(prepared, corpus, tmp_path, capsys):
                      "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert data_cli(["info", str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "a_file").write_text("x")  # an --out that cannot be created: an error naming it, no traceback
+    assert data_cli(["prepare", "--sources", f"web:{corpus / 'web.jsonl'}", "--out", str(tmp_path / "a_file" / "sub"),
+                     "--no-progress"]) == 2
+    assert str(tmp_path / "a_file") in capsys.readouterr().err
     other = ["prepare", "--sources", f"web:{corpus / 'web.jsonl'}", "--out", str(out), "--no-progress"]
     with pytest.raises(SystemExit):  # a complete directory built from other sources is not silently reused
         data_cli(other)

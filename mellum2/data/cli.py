@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, ShardError, SourceError, TokenizerError) as e:
         print(f"mellum2 data {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an --out that cannot be created: the message names the path
+        print(f"mellum2 data {args.cmd}: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 
