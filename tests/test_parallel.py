@@ -84,6 +84,9 @@ def _muon_worker(rank, world, init, out_file, compile_from=None):
     if rank == 0:
         torch.save({"full": full, "grads": grads, "placements": {k: str(p.placements) for k, p in
                                                                  m.named_parameters()}}, out_file)
+    # both ranks done before either tears down gloo: once in 17 runs a worker had died at exit
+    # ("terminate called without an active exception") when one rank destroyed the group early
+    dist.barrier()
     dist.destroy_process_group()
 
 
