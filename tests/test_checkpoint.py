@@ -9,7 +9,6 @@ import torch
 from mellum2 import Mellum2, ModelConfig, load_pretrained
 from mellum2.train import checkpoint, pretrain
 from mellum2.train.errors import TrainError
-from test_train_utils import one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["--preset", "test-small", "--data", "synthetic", "--batch-size", "2", "--seq-len", "32", "--no-progress",

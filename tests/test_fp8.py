@@ -6,7 +6,7 @@ import torch
 from mellum2 import Mellum2, ModelConfig
 from mellum2.train.fp8 import (E4M3, E5M2, Float8GroupedMM, Float8Linear, convert_to_fp8, fake_quantize, fp8_linear,
                                quantize)
-from test_train_utils import one_thread, train_losses  # noqa: F401 - fixture
+from test_train_utils import train_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,12 +11,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i
          "class Foo:\n    pass\n", "import os\nimport sys\n"] * 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,7 @@ from mellum2 import Mellum2, ModelConfig
 from mellum2.infer import Engine, SamplingParams, generate, generate_stream
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

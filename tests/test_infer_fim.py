@@ -7,12 +7,7 @@ from mellum2 import Mellum2, ModelConfig
 from mellum2.infer.fim import complete, continue_text, demo_completion, fim_prompt, fim_stop_ids
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class CharTok:

@@ -8,12 +8,7 @@ from mellum2.infer.forward import MOE_IMPLS, Fast, Reference
 from mellum2.infer.kvcache import KVCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(fwd, m, ids, P, step, steps):

@@ -12,13 +12,7 @@ from mellum2.infer.kvcache import KVCache, _few_queries
 from mellum2.model.accounting import kv_cache_bytes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only adds barrier waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model(preset="test-small"):

@@ -10,12 +10,7 @@ from mellum2.train import mtp_head
 from mellum2.train.mtp_head import freeze_trunk, measure_acceptance, train_head, with_fresh_head
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def markov_batches(n, T, seed, V=67):

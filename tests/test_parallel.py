@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_train_utils import ROOT, cli, one_thread, train_losses  # noqa: F401 - fixture
+from test_train_utils import ROOT, cli, train_losses
 
 ARGS = ["--preset", "test-small", "--data", "synthetic", "--seq-len", "48", "--log-every", "1",
         "--no-progress", "--samples", "0", "--peak-tflops", "1", "--no-tensorboard", "--precision", "fp32"]
@@ -117,7 +117,7 @@ def test_muon_on_fsdp_sharded_parameters_equals_unsharded(tmp_path, compiled, mo
         assert torch.equal(res["full"][k], p.detach()), k  # gathered 2-D and expert-local 3-D: exact
 
 
-def test_activation_checkpointing_gives_the_same_losses(one_thread):  # noqa: F811
+def test_activation_checkpointing_gives_the_same_losses(one_thread):
     plain = train_losses(steps=4, precision="fp32")
     ac = train_losses(steps=4, precision="fp32", ac=True)
     assert ac == plain
@@ -125,7 +125,7 @@ def test_activation_checkpointing_gives_the_same_losses(one_thread):  # noqa: F8
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compile_gives_close_losses(one_thread, precision):  # noqa: F811
+def test_compile_gives_close_losses(one_thread, precision):
     """--compile (per decoder layer; in fp32 with a graph break at each expert matmul) vs eager."""
     plain = train_losses(steps=4, precision=precision)
     compiled = train_losses(steps=4, precision=precision, compile=True)

@@ -13,12 +13,7 @@ from mellum2.infer import Engine, SamplingParams, generate
 from mellum2.infer.sampling import Sampler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def markov_batch(n, T, g, V=67):

@@ -10,7 +10,6 @@ import pytest
 from mellum2.data.prepare import prepare
 from mellum2.train import pretrain
 from mellum2.train.errors import TrainError
-from test_train_utils import one_thread  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:Loader.*renormalised:UserWarning")]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -12,7 +12,7 @@ from mellum2.train.errors import TrainError, TrainingDiverged
 from mellum2.train.metrics import expert_load
 from mellum2.train.parallel import Dist, install_count_reducer
 from mellum2.train.trainer import Trainer
-from test_train_utils import cli, make_trainer, one_thread, train_records  # noqa: F401 - fixture
+from test_train_utils import cli, make_trainer, train_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--no-progress", "--samples", "0", "--peak-tflops", "1", "--data", "synthetic"]

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from mellum2 import Mellum2, ModelConfig
@@ -19,15 +18,6 @@ from mellum2.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a shared, busy machine
-    (every parallel region waits for the other thread to be scheduled). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cli(*args, timeout=600, check=True, **popen) -> subprocess.CompletedProcess:
