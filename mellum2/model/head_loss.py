@@ -63,8 +63,8 @@ class _LinearCE(torch.autograd.Function):
                 loss = loss + loss_c
                 if want_x:
                     gx_ND[s:s + rows] = g_NV @ w
-                if want_w:
-                    gw_VD += (g_NV.T @ x).float()
+                if want_w:  # fp32 += bf16 in place: no fp32 copy of the product (same sums, bit for bit)
+                    gw_VD.add_(g_NV.T @ x)
         ctx.save_for_backward(gx_ND if want_x else None, gw_VD.to(w_VD.dtype) if want_w else None)
         return loss
 
