@@ -176,6 +176,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--lr", "-1"], "--lr: expected a positive number, got -1"),
     (["--clip", "-1"], "--clip: expected >= 0, got -1"),
     (["--weight-decay", "nan"], "--weight-decay: expected >= 0, got nan"),
+    (["--weight-decay", "inf"], "--weight-decay: expected >= 0, got inf"),
+    (["--resume", "--out", "A_FILE"], "exists and is not a directory"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
     (tmp_path / "empty").mkdir()

@@ -155,7 +155,7 @@ def _check_args(args, cfg) -> None:
                          f"({cfg.max_position_embeddings})")
     for name in ("save_every", "weight_decay", "clip", "warmup_steps", "seed"):
         v = getattr(args, name)
-        if v is not None and not v >= 0:
+        if v is not None and not (v >= 0 and (name == "clip" or math.isfinite(v))):  # --clip inf: no clipping
             raise TrainError(f"--{name.replace('_', '-')}: expected >= 0, got {v}")
     for name in ("lr", "peak_tflops"):
         v = getattr(args, name)
@@ -201,6 +201,8 @@ def _pretrain(args) -> Path:
     args.seq_len = args.seq_len or min(cfg.max_position_embeddings, 8192)
     _check_args(args, cfg)
     out = Path(args.out or (f"{str(args.from_).rstrip('/')}-long" if long_ctx else f"runs/{args.preset}"))
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out}: exists and is not a directory")
     found = ckpt.latest(out) if args.resume else None  # validates, so a damaged newest one is an error
     if args.resume and found is None:
         raise TrainError(f"--resume: no finished checkpoint in {ckpt.checkpoints_root(out)}; "
@@ -208,8 +210,6 @@ def _pretrain(args) -> Path:
     if not args.resume and ckpt.list_checkpoints(out):
         raise TrainError(f"{out} already holds checkpoints (newest {ckpt.list_checkpoints(out)[-1][1].name}); "
                          f"pass --resume to continue it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out}: exists and is not a directory")
     if d.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
