@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -132,8 +133,6 @@ def decide_compile(mode: str, *, device_type: str, precision: str, fp8: bool, st
 
 
 def _cxx() -> str | None:
-    import shutil
-
     return next((p for p in (os.environ.get("CXX"), "g++", "c++", "clang++") if p and shutil.which(p)), None)
 
 
@@ -147,9 +146,10 @@ def _model_config(args):
 
 
 def _check_args(args, cfg) -> None:
-    for name in ("batch_size", "grad_accum", "log_every", "max_bad_steps", "keep"):
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    for name in ("batch_size", "grad_accum", "log_every", "max_bad_steps", "keep", "max_steps", "tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise TrainError(f"--{name.replace('_', '-')}: expected >= 1, got {v}")
     if args.seq_len < 16 or args.seq_len > cfg.max_position_embeddings:
         raise TrainError(f"--seq-len {args.seq_len}: expected 16..max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
@@ -224,9 +224,6 @@ def _pretrain(args) -> Path:
         total_steps = args.tokens // tps
     else:
         raise TrainError("give the length of the run: --max-steps N or --tokens N")
-    for name in ("max_steps", "tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if total_steps < 1:
         raise TrainError(f"--tokens {args.tokens} is less than one step ({tps} tokens per step: batch size x "
                          f"sequence length x gradient accumulation x processes); raise --tokens or use --max-steps")
@@ -286,8 +283,7 @@ def _pretrain(args) -> Path:
         _set_rng_state(ts["rng"][d.rank])
         say(f"resumed from {found} at step {trainer.step} ({trainer.tokens:,} tokens)")
     if d.is_main and data_dir is not None and (data_dir / "tokenizer").is_dir() and not (out / "tokenizer").exists():
-        import shutil  # the run directory carries its tokenizer (inference finds it next to the checkpoints)
-
+        # the run directory carries its tokenizer (inference finds it next to the checkpoints)
         shutil.copytree(data_dir / "tokenizer", out / ".tokenizer.tmp", dirs_exist_ok=True)
         os.replace(out / ".tokenizer.tmp", out / "tokenizer")
     if d.is_main:
