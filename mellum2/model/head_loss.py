@@ -27,18 +27,20 @@ CHUNK_ELEMENTS = 1 << 23  # logits per chunk (8M: 16 MB in bf16); rows = this //
 def ce_chunk(logits_NV: Tensor, tgt_N: Tensor) -> tuple[Tensor, Tensor]:
     """Sum of CE over rows whose target is not -100, and its gradient w.r.t. the logits (in the
     logits' dtype; 0 on ignored rows). Softmax in fp32. Written for inductor, which fuses it into
-    one kernel (6 ms for 1024 x 8192 at 2 threads; with a scatter for the one-hot, the eager idiom,
-    18-22 ms: inductor does not fuse the scatter)."""
+    one kernel (with a scatter for the one-hot, the eager idiom, 18-22 ms for 1024 x 8192 at 2
+    threads: inductor does not fuse the scatter). The per-element work is kept cheap: one multiply
+    by the row's 1 / sum (valid rows; 0 on ignored ones) instead of a division, and the one-hot as
+    an int32 comparison (int64 lanes take 4 vector registers per 16 floats): 4.9 vs 6.4 ms."""
     x_NV = logits_NV.float()
     max_N1 = x_NV.amax(-1, keepdim=True)
     e_NV = torch.exp(x_NV - max_N1)
     sum_N1 = e_NV.sum(-1, keepdim=True)
-    valid_N = tgt_N != -100
+    valid_N1 = (tgt_N != -100).unsqueeze(1)
     t_N1 = tgt_N.clamp(min=0).unsqueeze(1)
     lse_N1 = max_N1 + sum_N1.log()
-    loss = ((lse_N1 - x_NV.gather(1, t_N1)).squeeze(1) * valid_N).sum()
-    hit_NV = torch.arange(x_NV.shape[1], device=x_NV.device) == t_N1
-    grad_NV = (e_NV / sum_N1 - hit_NV.float()) * valid_N.unsqueeze(1)
+    loss = ((lse_N1 - x_NV.gather(1, t_N1)) * valid_N1).sum()
+    hit_NV = (torch.arange(x_NV.shape[1], device=x_NV.device, dtype=torch.int32) == t_N1.int()) & valid_N1
+    grad_NV = e_NV * (valid_N1 / sum_N1) - hit_NV.float()
     return loss, grad_NV.to(logits_NV.dtype)
 
 
