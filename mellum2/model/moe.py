@@ -91,7 +91,7 @@ class Experts(nn.Module):
         cached. The padding is at most E * (pad - 1) rows, kept under 1/8 of the S slots. fp32
         (MKL, nothing compiled per shape), GPUs and the FP8 matmul (whose scales must not see the
         unwritten rows past the last group) do not pad."""
-        if device.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or self.gmm is not F.grouped_mm:
+        if device.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or not _pads(self.gmm):
             return 1
         pad = 1
         while pad < self.max_pad and self.num_experts * (2 * pad - 1) * 8 <= S:
@@ -110,6 +110,13 @@ class Experts(nn.Module):
             y = (h @ self.down_proj[e].to(dt).T) * w_TK[tok, slot, None].to(dt)
             out_TD = out_TD.index_add(0, tok, y)
         return out_TD
+
+
+def _pads(gmm) -> bool:
+    """The grouped matmuls that run oneDNN per group, so pad_of's rounding keeps their shapes recurring."""
+    from . import cpu_experts
+
+    return gmm is F.grouped_mm or gmm is cpu_experts.grouped_mm
 
 
 class _Dispatch(torch.autograd.Function):

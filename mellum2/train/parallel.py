@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from mellum2.model.transformer import shifted_ce
@@ -81,6 +82,21 @@ def decoder_layers(model) -> list[nn.Module]:
     return layers
 
 
+def _cpu_experts(model: nn.Module) -> bool:
+    """Give the experts the CPU grouped matmul that is parallel over experts (model/cpu_experts.py;
+    2-4% of a `tiny` CPU step) where they use torch's grouped_mm (not FP8's). False, keeping
+    grouped_mm, where the C++ extension cannot be built."""
+    from mellum2.model import cpu_experts
+    from mellum2.model.moe import Experts
+
+    experts = [m for m in model.modules() if isinstance(m, Experts) and m.gmm is F.grouped_mm]
+    if not experts or not cpu_experts.load():
+        return False
+    for m in experts:
+        m.gmm = cpu_experts.grouped_mm
+    return True
+
+
 def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto", ac: bool = False,
                 compile: bool = False, precision: str = "bf16") -> dict:
     """Apply FP8, activation checkpointing, compile and (when d.world > 1) FSDP2, in that order.
@@ -96,6 +112,8 @@ def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto",
         for layer in decoder_layers(model):
             checkpoint(layer)
         applied["ac"] = len(decoder_layers(model))
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        applied["cpu_experts"] = _cpu_experts(model)
     if compile:
         if precision != "bf16":
             from mellum2.model.moe import Experts
