@@ -21,7 +21,9 @@ False, and callers keep `grouped_mm`. The trainer installs it on CPU runs (train
 """
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -119,8 +121,12 @@ def load() -> bool:
     global _ext
     if _ext is None:
         try:
-            from torch.utils.cpp_extension import load_inline
+            from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+            build_dir = Path(_get_build_directory("mellum2_cpu_experts", verbose=False))
+            if not any(build_dir.glob("*.so")):
+                print("mellum2: building the CPU experts matmul (once, ~30 s; cached in "
+                      f"{build_dir})", file=sys.stderr, flush=True)
             _ext = load_inline("mellum2_cpu_experts", cpp_sources=_SRC,
                                functions=["experts_mm", "experts_mm_wgrad"],
                                extra_cflags=["-O2", "-fopenmp"], verbose=False)
