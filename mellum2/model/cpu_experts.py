@@ -63,6 +63,21 @@ static std::vector<int64_t> bounds_of(const at::Tensor& offs, int64_t E, int64_t
   return b;
 }
 
+// fn(e, first row, rows) for every non-empty expert, each thread taking whole experts
+template <typename F>
+static void for_each_expert(const std::vector<int64_t>& b, const F& fn) {
+  int64_t E = (int64_t)b.size() - 1;
+  std::vector<int64_t> cost(E);
+  for (int64_t e = 0; e < E; e++) cost[e] = b[e + 1] - b[e];
+  auto bins = bins_of(cost, at::get_num_threads());
+  at::parallel_for(0, (int64_t)bins.size(), 1, [&](int64_t lo, int64_t hi) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;  // thread-local: set on every worker
+    at::NoGradGuard no_grad_in_worker;
+    for (int64_t i = lo; i < hi; i++)
+      for (int64_t e : bins[i]) fn(e, b[e], cost[e]);
+  });
+}
+
 // y[g_e] = x[g_e] @ w[e]; x [R, K], w [E, K, N] -> [R, N]; rows after the last group are zero
 at::Tensor experts_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -72,17 +87,9 @@ at::Tensor experts_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   auto b = bounds_of(offs, E, R);
   auto out = at::empty({R, w.size(2)}, x.options());
   if (b[E] < R) out.narrow(0, b[E], R - b[E]).zero_();
-  std::vector<int64_t> cost(E);
-  for (int64_t e = 0; e < E; e++) cost[e] = b[e + 1] - b[e];
-  auto bins = bins_of(cost, at::get_num_threads());
-  at::parallel_for(0, (int64_t)bins.size(), 1, [&](int64_t lo, int64_t hi) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;  // thread-local: set on every worker
-    at::NoGradGuard no_grad_in_worker;
-    for (int64_t i = lo; i < hi; i++)
-      for (int64_t e : bins[i]) {
-        auto o = out.narrow(0, b[e], cost[e]);
-        at::mm_out(o, x.narrow(0, b[e], cost[e]), w.select(0, e));
-      }
+  for_each_expert(b, [&](int64_t e, int64_t s, int64_t n) {
+    auto o = out.narrow(0, s, n);
+    at::mm_out(o, x.narrow(0, s, n), w.select(0, e));
   });
   return out;
 }
@@ -94,20 +101,11 @@ at::Tensor experts_mm_wgrad(const at::Tensor& x, const at::Tensor& dy, const at:
   TORCH_CHECK(x.dim() == 2 && dy.dim() == 2 && x.size(0) == dy.size(0), "experts_mm_wgrad: shapes");
   auto b = bounds_of(offs, E, x.size(0));
   auto out = at::empty({E, x.size(1), dy.size(1)}, x.options());
-  std::vector<int64_t> cost(E);
-  for (int64_t e = 0; e < E; e++) {
-    cost[e] = b[e + 1] - b[e];
-    if (cost[e] == 0) out.select(0, e).zero_();
-  }
-  auto bins = bins_of(cost, at::get_num_threads());
-  at::parallel_for(0, (int64_t)bins.size(), 1, [&](int64_t lo, int64_t hi) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;  // thread-local: set on every worker
-    at::NoGradGuard no_grad_in_worker;
-    for (int64_t i = lo; i < hi; i++)
-      for (int64_t e : bins[i]) {
-        auto o = out.select(0, e);
-        at::mm_out(o, x.narrow(0, b[e], cost[e]).t(), dy.narrow(0, b[e], cost[e]));
-      }
+  for (int64_t e = 0; e < E; e++)
+    if (b[e + 1] == b[e]) out.select(0, e).zero_();
+  for_each_expert(b, [&](int64_t e, int64_t s, int64_t n) {
+    auto o = out.select(0, e);
+    at::mm_out(o, x.narrow(0, s, n).t(), dy.narrow(0, s, n));
   });
   return out;
 }
