@@ -163,7 +163,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, w, offs = ctx.saved_tensors
     dx = experts_mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    dw = experts_mm_wgrad(x, dy, offs, w.shape[0]) if ctx.needs_input_grad[1] else None
+    dw = experts_mm_wgrad(dy, x, offs, w.shape[0]).transpose(1, 2) if ctx.needs_input_grad[1] else None
     return dx, dw, None
 
 
