@@ -109,14 +109,20 @@ def _backward(q_r, k, v, do_r, lse_r, delta_r, mask, is_causal: bool, window, r:
         m = m.reshape(m.shape[0], 1, T, S) if m.dim() == 4 else m.reshape(1, 1, T, S)
     dqs, dks, dvs = [], [], []
     C = max(r, block_rows // r * r)  # whole queries per block
+    if R % C == 0:  # the blocks of q and dO laid out one after the other: each block a contiguous
+        # [B, G, C, d] for the matmuls, where slices of [B, G, R, d] made every matmul copy its operand
+        # (four copies a block; one fused copy of each tensor instead)
+        q_blk = q_r.reshape(B, G, R // C, C, d).permute(2, 0, 1, 3, 4).contiguous()
+        do_blk = do_r.reshape(B, G, R // C, C, d).permute(2, 0, 1, 3, 4).contiguous()
     for a in range(0, R, C):
         e = min(a + C, R)
+        q_a, do_a = (q_blk[a // C], do_blk[a // C]) if R % C == 0 else (q_r[:, :, a:e], do_r[:, :, a:e])
         t_lo, t_hi = a // r, (e - 1) // r
         # keys some query of the block can see: up to the last query (causal), from the first one's window
         k_hi = min(S, t_hi + 1) if is_causal else S
         k_lo = max(0, t_lo - window + 1) if window is not None else 0
         kb, vb = k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi]
-        s = torch.matmul(q_r[:, :, a:e], kb.transpose(-1, -2)).float() * scale - lse_r[:, :, a:e]
+        s = torch.matmul(q_a, kb.transpose(-1, -2)).float() * scale - lse_r[:, :, a:e]
         t_q = torch.arange(a, e, device=q_r.device) // r  # query position of each row
         if mask is not None:
             keep = m[:, :, t_q, k_lo:k_hi]
@@ -127,14 +133,14 @@ def _backward(q_r, k, v, do_r, lse_r, delta_r, mask, is_causal: bool, window, r:
         # P rounded to the input dtype once and dS formed from that: inductor then keeps no fp32 P
         # (11% faster backward; gradients' error vs fp32 unchanged to 5 digits)
         p_t = (s.exp() if keep is None else torch.where(keep, s.exp(), 0.0)).to(dt)
-        dp = torch.matmul(do_r[:, :, a:e], vb.transpose(-1, -2)).float()
+        dp = torch.matmul(do_a, vb.transpose(-1, -2)).float()
         ds_t = (p_t.float() * (dp - delta_r[:, :, a:e])).to(dt)
         # each block's dK, dV zero-padded to all keys and summed once at the end: accumulating into
         # slices of one buffer (`dk[..., lo:hi, :] += ...`) made inductor nest a slice_scatter per block
         # into one huge expression (2.4 ms a layer for a 1M-element sum)
         pad = (0, 0, k_lo, S - k_hi)
-        dvs.append(F.pad(torch.matmul(p_t.transpose(-1, -2), do_r[:, :, a:e]).float(), pad))
-        dks.append(F.pad(torch.matmul(ds_t.transpose(-1, -2), q_r[:, :, a:e]).float(), pad))
+        dvs.append(F.pad(torch.matmul(p_t.transpose(-1, -2), do_a).float(), pad))
+        dks.append(F.pad(torch.matmul(ds_t.transpose(-1, -2), q_a).float(), pad))
         dqs.append(torch.matmul(ds_t, kb) * scale)
     return torch.cat(dqs, 2), (sum(dks) * scale).to(k.dtype), sum(dvs).to(v.dtype)
 
