@@ -13,7 +13,8 @@ Two ops, both registered with torch.library so `torch.compile` keeps them in its
   experts_mm_wgrad(x [R, K], dy [R, N], offs [E], E) -> [E, K, N]   dw[e] = x[g_e]^T dy[g_e]
 with offs the int32 end row of each expert's group (grouped_mm's convention); rows after the last
 group come back zero, an empty expert's weight gradient is zero. The backward of experts_mm is
-experts_mm with w transposed (dx) and experts_mm_wgrad (dw).
+experts_mm with w transposed (dx) and experts_mm_wgrad(dy, x)^T (dw, formed in the [E, N, K] layout
+of the parameters it flows back to, so their fp32 cast is a contiguous pass: ~10 ms a `tiny` step).
 
 The C++ is compiled on first use (`load()`, ~30 s, then cached by torch in
 ~/.cache/torch_extensions); where that fails (no C++ compiler) `load()` warns once and returns
@@ -137,6 +138,8 @@ def load() -> bool:
 
 @torch.library.custom_op("mellum2::experts_mm", mutates_args=())
 def experts_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    if not load():
+        raise RuntimeError("mellum2::experts_mm: the CPU extension could not be built; use torch's grouped_mm")
     return _ext.experts_mm(x, w, offs)
 
 
@@ -147,6 +150,7 @@ def _(x, w, offs):
 
 @torch.library.custom_op("mellum2::experts_mm_wgrad", mutates_args=())
 def experts_mm_wgrad(x: Tensor, dy: Tensor, offs: Tensor, num_experts: int) -> Tensor:
+    load()  # experts_mm ran first, so it is loaded
     return _ext.experts_mm_wgrad(x, dy, offs, num_experts)
 
 
@@ -171,6 +175,6 @@ experts_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    """Drop-in for `F.grouped_mm(x, w, offs=offs)` on 2-D x and 3-D w (the experts' `gmm`); call
-    `load()` first."""
+    """Drop-in for `F.grouped_mm(x, w, offs=offs)` on 2-D x and 3-D w (the experts' `gmm`), where
+    `load()` is True."""
     return experts_mm(x, w, offs)

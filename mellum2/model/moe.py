@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_experts
 from .config import ModelConfig
 from .layers import compute_dtype
 
@@ -114,8 +115,6 @@ class Experts(nn.Module):
 
 def _pads(gmm) -> bool:
     """The grouped matmuls that run oneDNN per group, so pad_of's rounding keeps their shapes recurring."""
-    from . import cpu_experts
-
     return gmm is F.grouped_mm or gmm is cpu_experts.grouped_mm
 
 
