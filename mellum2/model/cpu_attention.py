@@ -109,14 +109,15 @@ def _backward(q_r, k, v, do_r, lse_r, delta_r, mask, is_causal: bool, window, r:
         m = m.reshape(m.shape[0], 1, T, S) if m.dim() == 4 else m.reshape(1, 1, T, S)
     dqs, dks, dvs = [], [], []
     C = max(r, block_rows // r * r)  # whole queries per block
-    if R % C == 0:  # the blocks of q and dO laid out one after the other: each block a contiguous
+    blocked = R % C == 0
+    if blocked:  # the blocks of q and dO laid out one after the other: each block a contiguous
         # [B, G, C, d] for the matmuls, where slices of [B, G, R, d] made every matmul copy its operand
         # (four copies a block; one fused copy of each tensor instead)
         q_blk = q_r.reshape(B, G, R // C, C, d).permute(2, 0, 1, 3, 4).contiguous()
         do_blk = do_r.reshape(B, G, R // C, C, d).permute(2, 0, 1, 3, 4).contiguous()
     for a in range(0, R, C):
         e = min(a + C, R)
-        q_a, do_a = (q_blk[a // C], do_blk[a // C]) if R % C == 0 else (q_r[:, :, a:e], do_r[:, :, a:e])
+        q_a, do_a = (q_blk[a // C], do_blk[a // C]) if blocked else (q_r[:, :, a:e], do_r[:, :, a:e])
         t_lo, t_hi = a // r, (e - 1) // r
         # keys some query of the block can see: up to the last query (causal), from the first one's window
         k_hi = min(S, t_hi + 1) if is_causal else S

@@ -136,11 +136,16 @@ def load() -> bool:
     return _ext is not False
 
 
-@torch.library.custom_op("mellum2::experts_mm", mutates_args=())
-def experts_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+def _lib():
+    """The loaded extension, or a clear error where it cannot be built."""
     if not load():
         raise RuntimeError("mellum2::experts_mm: the CPU extension could not be built; use torch's grouped_mm")
-    return _ext.experts_mm(x, w, offs)
+    return _ext
+
+
+@torch.library.custom_op("mellum2::experts_mm", mutates_args=())
+def experts_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    return _lib().experts_mm(x, w, offs)
 
 
 @experts_mm.register_fake
@@ -150,8 +155,7 @@ def _(x, w, offs):
 
 @torch.library.custom_op("mellum2::experts_mm_wgrad", mutates_args=())
 def experts_mm_wgrad(x: Tensor, dy: Tensor, offs: Tensor, num_experts: int) -> Tensor:
-    load()  # experts_mm ran first, so it is loaded
-    return _ext.experts_mm_wgrad(x, dy, offs, num_experts)
+    return _lib().experts_mm_wgrad(x, dy, offs, num_experts)
 
 
 @experts_mm_wgrad.register_fake
