@@ -54,12 +54,19 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
     assert [(r["loss"], r["grad_norm"]) for r in _recs(three)] == [(r["loss"], r["grad_norm"]) for r in b]
 
 
+def _thread_names() -> list[str]:
+    """This process's thread names (Linux; empty elsewhere)."""
+    task = "/proc/self/task"
+    return [open(f"{task}/{t}/comm").read().strip() for t in os.listdir(task)] if os.path.isdir(task) else []
+
+
 def _muon_worker(rank, world, init, out_file, compile_from=None):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from mellum2.train import muon
     from mellum2.train.muon import Muon
+    from mellum2.train.parallel import shutdown
 
     if compile_from is not None:
         muon._COMPILE_FROM = compile_from
@@ -84,10 +91,11 @@ def _muon_worker(rank, world, init, out_file, compile_from=None):
     if rank == 0:
         torch.save({"full": full, "grads": grads, "placements": {k: str(p.placements) for k, p in
                                                                  m.named_parameters()}}, out_file)
-    # both ranks done before either tears down gloo: once in 17 runs a worker had died at exit
-    # ("terminate called without an active exception") when one rank destroyed the group early
     dist.barrier()
-    dist.destroy_process_group()
+    del m, opt, p  # FSDP modules keep their groups alive; shutdown() releases what the caches keep
+    shutdown()
+    with open(f"{out_file}.threads{rank}", "w") as f:  # the gloo group's threads must be gone now
+        f.write(" ".join(_thread_names()))
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -99,6 +107,9 @@ def test_muon_on_fsdp_sharded_parameters_equals_unsharded(tmp_path, compiled, mo
              join=True)
     res = torch.load(out, weights_only=True)
     assert all("Shard(dim=0)" in v for v in res["placements"].values())
+    for r in range(2):  # gloo's threads ended in shutdown(), not in interpreter teardown
+        names = (tmp_path / f"res.pt.threads{r}").read_text().split()
+        assert not [n for n in names if "gloo" in n], (r, names)
     from mellum2.train import muon
     from mellum2.train.muon import Muon
 

@@ -34,7 +34,7 @@ from .long_context import ROPE_LAYERS, extended_config, load_extended, source_di
 from .metrics import MetricsLogger, measure_peak_flops, plot_losses, read_jsonl, summarize
 from .optim import build_optimizers
 from .parallel import (all_gather_objects, barrier, full_model_state, full_optim_state, init_distributed,
-                       install_count_reducer, load_optim_state, parallelize)
+                       install_count_reducer, load_optim_state, parallelize, shutdown)
 from .schedule import WarmupHoldDecay
 from .trainer import Trainer
 
@@ -377,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mellum2 train: error: {e}", file=sys.stderr)
         return 1
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()
 
 
 if __name__ == "__main__":
