@@ -29,6 +29,7 @@ model and optimiser are concerned (the loader decides for itself).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -236,9 +237,7 @@ def shutdown() -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    import gc
-
-    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.device_mesh import DeviceMesh  # here: only where torch.distributed is built in
 
     gc.collect()
     dist.destroy_process_group()
