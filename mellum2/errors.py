@@ -1,0 +1,38 @@
+"""The one user-facing error base. Anything a user can cause (a bad flag, a missing or damaged file,
+an invalid config, a full disk) is raised as a `MellumError` subclass whose message names the file,
+flag or field that is wrong and what was expected; the `mellum2` dispatcher prints it as one line
+(`mellum2 <stage>: error: ...`) and exits 1. Programming errors stay ordinary exceptions with
+tracebacks.
+
+Subclasses also derive from the builtin they refine (ValueError, RuntimeError, OSError) so callers
+that catch the builtin keep working.
+"""
+from __future__ import annotations
+
+
+class MellumError(Exception):
+    """A user-facing error: printed as one line by the CLI, exit status 1."""
+
+    exit_code = 1
+
+
+class UsageError(MellumError, ValueError):
+    """Nonsense or out-of-range arguments (a flag, a request field)."""
+
+    exit_code = 2
+
+
+class DiskError(MellumError, OSError):
+    """A write that failed for a reason outside the program: full disk, permissions, a path that is a file."""
+
+
+def describe_os_error(e: OSError, what: str = "") -> str:
+    """One line for an OSError: the path, what failed, and the usual remedy."""
+    path = e.filename or what or "?"
+    import errno
+
+    hints = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+             errno.EROFS: "read-only file system", errno.ENOTDIR: "a parent is a file, not a directory",
+             errno.EISDIR: "is a directory", errno.EEXIST: "already exists", errno.ENOENT: "no such file or directory",
+             errno.EDQUOT: "disk quota exceeded"}
+    return f"{path}: {hints.get(e.errno, e.strerror or str(e))}"
