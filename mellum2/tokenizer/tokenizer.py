@@ -9,6 +9,9 @@ rely on that. Raw corpus text must not be able to inject control tokens (the Pyt
 itself contains the string `<|endoftext|>`), so the data pipeline calls `encode(text,
 allow_special=False)`, which encodes those strings as ordinary bytes. Nothing is ever added
 implicitly: no bos/eos, no prefix space. `decode(encode(t)) == t` for every str `t` (either mode).
+
+Every saved directory carries the chat template (mellum2/chat/template.jinja), so transformers'
+`apply_chat_template` on it renders what `mellum2.chat.render` renders.
 """
 from __future__ import annotations
 
@@ -18,10 +21,13 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from mellum2.chat.template import TEMPLATE as CHAT_TEMPLATE
+
 from .special import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, special_ids
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # what transformers >= 4.43 reads first
 _IDS = special_ids()
 
 
@@ -77,15 +83,19 @@ class Tokenizer:
         return cls(hf, source=str(file))
 
     def save(self, path: str | Path) -> Path:
-        """Write tokenizer.json + tokenizer_config.json (what transformers' AutoTokenizer reads)."""
+        """Write tokenizer.json + tokenizer_config.json + chat_template.jinja (what transformers'
+        AutoTokenizer reads). The chat template is mellum2/chat/template.jinja, also stored under the
+        config's `chat_template` key for readers that only know that place."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / TOKENIZER_FILE, self.hf.to_str(pretty=True))
+        _atomic_write(path / CHAT_TEMPLATE_FILE, CHAT_TEMPLATE)
         _atomic_write(path / CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False))
         return path
 
     def hf_config(self) -> dict:
-        """tokenizer_config.json: generic fast tokenizer, no implicit bos/eos, no space clean-up."""
+        """tokenizer_config.json: generic fast tokenizer, no implicit bos/eos, no space clean-up,
+        Mellum 2's chat template."""
         by_id = {t.id: t for t in SPECIAL_TOKENS}
         return {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -98,6 +108,7 @@ class Tokenizer:
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 131072,
+            "chat_template": CHAT_TEMPLATE,
             "added_tokens_decoder": {
                 str(t.id): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
                             "single_word": False, "special": t.special}
