@@ -43,6 +43,7 @@ def test_real_loader_run_resumes_exactly(data_dir, tmp_path):
     assert [r["step"] for r in recs] == list(range(1, 11))
     assert [r["phase"] for r in recs] == [0] * 6 + [1] * 3 + [2]  # 58/26/16% of 10 steps, by tokens
     assert (out / "tokenizer" / "tokenizer.json").is_file()  # inference finds it next to the checkpoints
+    assert (out / "tokenizer" / "chat_template.jinja").is_file()  # and chat uses its template
     assert (out / "samples.txt").read_text().count("--- prompt") == 4
     again = tmp_path / "b"
     shutil.copytree(out, again)

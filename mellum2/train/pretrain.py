@@ -283,8 +283,10 @@ def _pretrain(args) -> Path:
         _set_rng_state(ts["rng"][d.rank])
         say(f"resumed from {found} at step {trainer.step} ({trainer.tokens:,} tokens)")
     if d.is_main and data_dir is not None and (data_dir / "tokenizer").is_dir() and not (out / "tokenizer").exists():
-        # the run directory carries its tokenizer (inference finds it next to the checkpoints)
-        shutil.copytree(data_dir / "tokenizer", out / ".tokenizer.tmp", dirs_exist_ok=True)
+        # the run directory carries its tokenizer (inference finds it next to the checkpoints); saved
+        # anew rather than copied so it has the current chat template even from an older data directory
+        from mellum2.tokenizer import Tokenizer
+        Tokenizer.load(data_dir / "tokenizer").save(out / ".tokenizer.tmp")
         os.replace(out / ".tokenizer.tmp", out / "tokenizer")
     if d.is_main:
         _write_json(out / "args.json", {**vars(args), "trajectory": trajectory, "parallel": applied,
