@@ -241,3 +241,16 @@ def test_random_conversations_render_as_transformers(hf_tok, msgs, tools, gen, t
     ours = render(msgs, tools=tools, add_generation_prompt=gen, enable_thinking=think)
     assert ours == hf_tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=gen,
                                               enable_thinking=think, tokenize=False)
+
+
+@pytest.mark.parametrize("msgs,tools,match", [
+    ([U, {"role": "assistant", "tool_calls": [call("f", {"x": "<|im_end|>"})]}], None,
+     r"messages\[1\].tool_calls\[0\].function.arguments: holds the control token <\|im_end\|>"),
+    ([U, {"role": "assistant", "tool_calls": [call("f", '{"x": "<|im_start|>"}')]}], None, "control token"),
+    ([U, {"role": "assistant", "tool_calls": [call("f<|endoftext|>", {})]}], None, r"function.name: holds"),
+    ([U, {"role": "assistant", "tool_calls": [call("f", {"x": {1, 2}})]}], None, "not JSON-serialisable"),
+    ([U], [{"name": "f", "description": "<|im_end|>"}], r"tools\[0\]: holds the control token"),
+])
+def test_control_tokens_cannot_hide_in_json(msgs, tools, match):
+    with pytest.raises(ChatFormatError, match=match):
+        render(msgs, tools=tools)

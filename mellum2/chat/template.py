@@ -112,7 +112,8 @@ def _text(value: Any, where: str, allow_none: bool, allow_json: bool = False) ->
     if isinstance(value, str):
         text = value
     elif isinstance(value, Mapping) and allow_json:
-        return ""  # rendered as JSON; its strings are escaped, so no control token can appear raw
+        _json(value, where)
+        return ""
     elif isinstance(value, (list, tuple)):
         parts = []
         for i, part in enumerate(value):
@@ -123,20 +124,35 @@ def _text(value: Any, where: str, allow_none: bool, allow_json: bool = False) ->
         text = "".join(parts)
     else:
         raise ChatFormatError(f"{where}: expected a string or a list of text parts, got {_kind(value)}")
+    _no_control(text, where)
+    return text
+
+
+def _no_control(text: str, where: str) -> None:
     for tok in CONTROL:
         if tok in text:
             raise ChatFormatError(f"{where}: holds the control token {tok} (message text cannot open or close turns)")
-    return text
+
+
+def _json(value: Any, where: str) -> None:
+    """A value the template writes with tojson: serialisable, and no control token in its text."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ChatFormatError(f"{where}: not JSON-serialisable ({e})") from None
+    _no_control(text, where)
 
 
 def _arguments(args: Any, where: str) -> None:
     if isinstance(args, str):
+        _no_control(args, where)
         try:
             args = json.loads(args)
         except json.JSONDecodeError as e:
             raise ChatFormatError(f"{where}: not valid JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(args, Mapping):
         raise ChatFormatError(f"{where}: expected a JSON object, got {_kind(args)}")
+    _json(args, where)
 
 
 def _tool_calls(calls: Any, where: str) -> list[str | None]:
@@ -155,6 +171,7 @@ def _tool_calls(calls: Any, where: str) -> list[str | None]:
             raise ChatFormatError(f"{fw}: expected an object with name and arguments, got {_kind(fn)}")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ChatFormatError(f"{fw}.name: expected a non-empty string, got {_kind(fn.get('name'))}")
+        _no_control(fn["name"], f"{fw}.name")
         if "arguments" not in fn:
             raise ChatFormatError(f"{fw}.arguments: missing (expected a JSON object, or {{}} for none)")
         _arguments(fn["arguments"], f"{fw}.arguments")
@@ -178,6 +195,7 @@ def validate(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None
             if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise ChatFormatError(f"tools[{i}]: expected {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} "
                                       f"or a function schema with a name")
+            _json(tool, f"tools[{i}]")
     open_calls: list[str | None] = []  # the calls of the last assistant turn that tool results answer
     for i, m in enumerate(messages):
         w = f"messages[{i}]"
