@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("mellum2.infer.cli", "generate text (optionally MTP-speculative)"),
     "complete": ("mellum2.infer.cli", "fill-in-the-middle completion"),
     "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
+    "chat": ("mellum2.chat.cli", "chat with an Instruct/Thinking checkpoint (reasoning, tool calls, MTP)"),
 }
 
 
