@@ -27,6 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from mellum2.errors import MellumError
 
 TEMPLATE_FILE = Path(__file__).with_name("template.jinja")
@@ -51,9 +53,6 @@ def _raise(message: str):
 @lru_cache(maxsize=4)
 def compiled(source: str = TEMPLATE):
     """The template compiled in an environment configured as transformers' (see the docstring)."""
-    import jinja2.ext  # noqa: F401 - the loopcontrols extension below
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
