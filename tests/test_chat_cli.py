@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,8 +97,8 @@ def test_stdin_session_with_commands(ckpt, monkeypatch, capsys):
 class Scripted:
     """Stands in for Engine: each stream() call plays the next scripted reply, token by token."""
 
-    def __init__(self, tok, replies, cfg):
-        self.tok, self.replies, self.cfg, self.prompts = tok, list(replies), cfg, []
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.prompts = tok, list(replies), []
 
     def stream(self, prompts, params, speculative=False, draft_tokens=1, detokenize=None):
         self.prompts.append(prompts[0])
@@ -121,8 +120,8 @@ def test_display_of_reasoning_answer_and_tool_calls(ckpt):
                '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
                '<think>\nIt is 18.\n</think>\n\nIt is 18 C in Paris.<|im_end|>']
     out = io.StringIO()
-    engine = Scripted(tok, replies, SimpleNamespace(max_position_embeddings=4096))
-    chat = cli.Chat(engine, tok, SamplingParams(max_new_tokens=64), tools=tools, out=out, err=io.StringIO())
+    chat = cli.Chat(Scripted(tok, replies), tok, SamplingParams(max_new_tokens=64), 4096, tools=tools, out=out,
+                    err=io.StringIO())
     chat.say("Weather in Paris?")
     assert out.getvalue() == ('[thinking]\nI need the weather.\n[answer]\nLet me check.\n'
                               '[tool call] get_weather {"city": "Paris"}\n(answer the call with /tool RESULT)\n')
@@ -150,3 +149,15 @@ def test_errors_through_the_dispatcher(ckpt, tmp_path, capsys):
     assert "mellum2 chat: error: --model" in capsys.readouterr().err
     assert dispatch(["chat", "--model", str(d), "--top-p", "2"]) == 2
     assert "--top-p" in capsys.readouterr().err
+
+
+def test_a_conversation_longer_than_the_context_is_refused(ckpt):
+    _, _, tok = ckpt
+    out = io.StringIO()
+    chat = cli.Chat(Scripted(tok, ["ok<|im_end|>"]), tok, SamplingParams(max_new_tokens=64), 24, out=out,
+                    err=io.StringIO())
+    assert chat.say("a long message that does not fit in twenty-four tokens, not at all") is None
+    assert "fills the model's context of 24: /reset to start over" in out.getvalue()
+    assert chat.history == [] and chat.engine.prompts == []
+    assert chat.say("hi") == {"role": "assistant", "content": "ok", "reasoning_content": None, "tool_calls": [],
+                              "errors": []}

@@ -40,9 +40,10 @@ class Chat:
     The history holds parsed assistant messages (content, reasoning_content, tool_calls), so the
     template re-renders them exactly as any OpenAI-style client would send them back."""
 
-    def __init__(self, engine, tokenizer, params, system: str | None = None, think: bool = True, tools=None,
-                 speculative: bool = False, draft_tokens: int = 1, out=None, err=None, color: bool | None = None):
-        self.engine, self.tok, self.params = engine, tokenizer, params
+    def __init__(self, engine, tokenizer, params, context: int, system: str | None = None, think: bool = True,
+                 tools=None, speculative: bool = False, draft_tokens: int = 1, out=None, err=None,
+                 color: bool | None = None):
+        self.engine, self.tok, self.params, self.context = engine, tokenizer, params, context
         self.system, self.think, self.tools = system, think, tools
         self.speculative, self.draft_tokens = speculative, draft_tokens
         self.out, self.err = out or sys.stdout, err or sys.stderr
@@ -95,10 +96,10 @@ class Chat:
         """Generate the next assistant turn, streaming it; returns the parsed message (None if stopped)."""
         prompt = render(self.messages, self.tools, add_generation_prompt=True, enable_thinking=self.think)
         ids = self.last_prompt_ids = self.tok.encode(prompt)
-        room = self.engine.cfg.max_position_embeddings - len(ids)
+        room = self.context - len(ids)
         if room < 1:
-            self._note(f"the conversation ({len(ids)} tokens) fills the model's context of "
-                       f"{self.engine.cfg.max_position_embeddings}: /reset to start over")
+            self._note(f"the conversation ({len(ids)} tokens) fills the model's context of {self.context}: "
+                       f"/reset to start over")
             self.history.pop()  # the message that did not fit
             return None
         params = self.params.replace(max_new_tokens=min(self.params.max_new_tokens, room))
@@ -280,7 +281,7 @@ def open_chat(args, out=None, err=None) -> Chat:
                          f"{tok.vocab_size} ({tok.source})")
     spec = model.mtp is not None if args.speculative is None else args.speculative
     engine = Engine(model, draft_vocab=load_draft_vocab(mdir) if model.mtp is not None else None)
-    return Chat(engine, tok, params, system=args.system, think=args.think, tools=tools, speculative=spec,
+    return Chat(engine, tok, params, model.cfg.max_position_embeddings, system=args.system, think=args.think, tools=tools, speculative=spec,
                 draft_tokens=args.draft_tokens, out=out, err=err)
 
 
