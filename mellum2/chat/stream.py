@@ -2,7 +2,8 @@
 
     p = StreamParser(think_open=False, id_prefix="call_")
     for piece in pieces:
-        for delta in p.feed(piece): ...     # {"content": s} | {"reasoning_content": s} | {"tool_calls": [...]} | {"error": s}
+        for delta in p.feed(piece): ...     # {"content": s} | {"reasoning_content": s} | {"tool_calls": [...]}
+                                            # | {"error": s, "index": k} (a malformed call; its text comes as content)
     for delta in p.close(): ...
     p.message                               # == parse(text, think_open, id_prefix), however the text was cut
 
@@ -19,9 +20,9 @@ A call in another shape (arguments before the name, missing arguments) is sent w
 
 `index` is the call's position among the `<tool_call>` tags of the output, as in `parse`'s ids and
 errors. When the output is well formed, applying the deltas in order (`apply_delta`) gives exactly
-`p.message`. A call that turns out malformed after its name was streamed cannot be taken back: the
-stream then carries `{"error": ...}` for that index and its raw text as content, and the final message
-(the authority) lists it under `errors`. `StreamParser(stream_arguments=False)` sends every call whole
+`p.message`. A malformed call yields `{"error": ..., "index": k}` and its raw text as content; if its
+name and some arguments had already been streamed they cannot be taken back, and the final message
+(the authority) does not list it among the calls. `StreamParser(stream_arguments=False)` sends every call whole
 after checking it, so the deltas always add up to the message, at the price of no partial arguments.
 """
 from __future__ import annotations
