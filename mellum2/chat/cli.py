@@ -51,7 +51,8 @@ class Chat:
         self.history: list[dict] = []
         self.pending: list[dict] = []  # tool calls of the last reply still without an answer
         self.last_prompt_ids: list[int] = []
-        self.stop_ids = sorted({tokenizer.eos_id, tokenizer.eot_id, tokenizer.im_start_id})
+        # a turn ends at <|im_end|>; <|endoftext|> or a new <|im_start|> end it too
+        self.stop_ids = tuple(sorted({tokenizer.eos_id, tokenizer.eot_id, tokenizer.im_start_id}))
 
     @property
     def messages(self) -> list[dict]:
@@ -102,7 +103,8 @@ class Chat:
                        f"/reset to start over")
             self.history.pop()  # the message that did not fit
             return None
-        params = self.params.replace(max_new_tokens=min(self.params.max_new_tokens, room))
+        params = self.params.replace(max_new_tokens=min(self.params.max_new_tokens, room),
+                                     stop_token_ids=tuple(self.params.stop_token_ids) + self.stop_ids)
         parser = StreamParser(think_open=opens_think(prompt))
         view = _View(self.out, self.color)
         t0 = time.perf_counter()
@@ -271,8 +273,7 @@ def open_chat(args, out=None, err=None) -> Chat:
         raise UsageError(f"--model {args.model}: {e}") from None
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed,
-                                stop_token_ids=(tok.eos_id, tok.eot_id, tok.im_start_id))
+                                top_k=args.top_k, seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e).replace("SamplingParams.", "--").replace("_", "-")) from None
     model = load_pretrained(mdir, dtype=DTYPES[args.dtype])
