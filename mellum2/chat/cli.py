@@ -231,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--think", action=argparse.BooleanOptionalAction, default=True,
       help="let the model reason before answering (--no-think: an empty think span opens each reply)")
     a("--tools", default=None, metavar="FILE", help="JSON file with a list of OpenAI-style tool schemas")
-    a("--temperature", type=float, default=0.6)
-    a("--top-p", type=float, default=0.95)
-    a("--top-k", type=int, default=20)
+    a("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy); Mellum 2's recommended value")
+    a("--top-p", type=float, default=0.95, help="nucleus sampling")
+    a("--top-k", type=int, default=20, help="sample among the k likeliest tokens")
     a("--max-new-tokens", type=int, default=2048, help="per reply (also capped by the model's context)")
-    a("--seed", type=int, default=None)
+    a("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
     a("--speculative", action=argparse.BooleanOptionalAction, default=None,
       help="MTP self-speculative decoding (default: on when the checkpoint has an MTP head)")
-    a("--draft-tokens", type=int, default=1)
+    a("--draft-tokens", type=int, default=1, help="drafts per step with MTP speculation (the head reused)")
     a("--dtype", choices=sorted(DTYPES), default="fp32")
     a("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p
