@@ -96,9 +96,10 @@ def test_parse_inverts_render(msg, cuts):
     text = generated(msg)
     assert parse(text) == expected(msg)
     assert streamed(text, cuts) == (expected(msg), expected(msg))
-    # the same turn without its reasoning when rendered before the last user message
-    hist = generated(msg, history=({"role": "user", "content": "q"}, msg, {"role": "user", "content": "again"}))
-    assert hist.count("<|im_start|>assistant") == 0
+    # rendered before a later user message the turn loses its reasoning, and parses so
+    later = render([{"role": "user", "content": "q"}, msg, {"role": "user", "content": "again"}])
+    turn = later[later.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]
+    assert parse(turn) == {**expected(msg), "reasoning_content": None}
 
 
 # ------------------------------------------------------------------ malformed output

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mellum2.chat import TEMPLATE, ChatFormatError, opens_think, prompt_ids, render
 from mellum2.errors import MellumError
@@ -204,8 +206,6 @@ def test_transformers_also_refuses_what_the_template_cannot_render(hf_tok):
 
 
 # ------------------------------------------------------------------ random conversations, both renderers
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 TEXT = st.lists(st.sampled_from(list("ab \n\t{}\"\\é中<>/") + ["</think>", "<tool_call>", "\n\n"]),
                 max_size=8).map("".join)
