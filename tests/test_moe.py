@@ -26,9 +26,10 @@ def _assert_grouped_equals_loop(m, x):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append(y.detach())
         grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # fp32 sums in a different order: allow rounding relative to each tensor's scale (a leaked
+    # padding row or a dropped token moves entries by that scale, far above this bound).
+    for a, b in zip([outs[0], *grads[0]], [outs[1], *grads[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize("T", [1, 3, 37])
