@@ -9,6 +9,8 @@ that catch the builtin keep working.
 """
 from __future__ import annotations
 
+import errno
+
 
 class MellumError(Exception):
     """A user-facing error: printed as one line by the CLI, exit status 1."""
@@ -26,11 +28,13 @@ class DiskError(MellumError, OSError):
     """A write that failed for a reason outside the program: full disk, permissions, a path that is a file."""
 
 
+class NotFoundError(MellumError, FileNotFoundError):
+    """A file or directory the user named (or one expected inside it) does not exist."""
+
+
 def describe_os_error(e: OSError, what: str = "") -> str:
     """One line for an OSError: the path, what failed, and the usual remedy."""
     path = e.filename or what or "?"
-    import errno
-
     hints = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
              errno.EROFS: "read-only file system", errno.ENOTDIR: "a parent is a file, not a directory",
              errno.EISDIR: "is a directory", errno.EEXIST: "already exists", errno.ENOENT: "no such file or directory",

@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from mellum2.errors import MellumError
+
 from ..tokenizer import Tokenizer, bytes_per_token, train_bpe
 from .curriculum import DEFAULT_PHASES, MAX_REPEATS, plan
 from .decontam import Decontaminator
@@ -39,7 +41,7 @@ from .sources import DOMAINS, Document, iter_source
 STATS = "stats.json"
 
 
-class PrepareError(RuntimeError):
+class PrepareError(MellumError, RuntimeError):
     """Prepare cannot produce a dataset (no documents, a bad tokenizer, ...); the message says why."""
 
 

@@ -26,12 +26,14 @@ from typing import Iterator
 
 import numpy as np
 
+from mellum2.errors import MellumError
+
 INDEX = "index.json"
 FORMAT = "mellum2-shards"
 VERSION = 1
 
 
-class ShardError(ValueError):
+class ShardError(MellumError, ValueError):
     """A missing, incomplete or corrupt data directory; the message names the file and the problem."""
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from mellum2.errors import MellumError
+
 DOMAINS = ("web", "code", "math")
 
 # extension -> language of a code file (lower-case, with the dot)
@@ -43,7 +45,7 @@ TABLE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 MAX_FILE_BYTES = 4 << 20  # larger files are skipped when walking directories (data dumps, not code)
 
 
-class SourceError(ValueError):
+class SourceError(MellumError, ValueError):
     """A bad source spec, a missing path or a malformed table; the message names which."""
 
 

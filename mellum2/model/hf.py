@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mellum2.errors import MellumError
+
 from .config import ConfigError, ModelConfig
 from .transformer import Mellum2
 
@@ -36,7 +38,7 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)
 _PACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MellumError, ValueError):
     """A checkpoint that cannot be loaded as it stands; the message names the file and key."""
 
 

@@ -18,6 +18,8 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from mellum2.errors import MellumError
+
 from .special import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, special_ids
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -25,7 +27,7 @@ CONFIG_FILE = "tokenizer_config.json"
 _IDS = special_ids()
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MellumError, ValueError):
     """A missing or malformed tokenizer directory/file; the message names the path and what is wrong."""
 
 
