@@ -31,6 +31,22 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def run_stage(stage: str, main, argv: list[str] | None = None) -> int:
+    """`main(argv)` of a stage with the errors a user can cause printed as one line
+    (`mellum2 <stage>: error: ...`, mellum2/errors.py) and their exit code. The dispatcher runs every
+    stage through it, and a stage module started on its own (`python -m mellum2.train.pretrain`, as
+    torchrun does) too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(main(argv) or 0)
+    except MellumError as e:  # anything a user can cause: one line, no traceback
+        print(f"mellum2 {stage}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"mellum2 {stage}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -44,15 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[stage][0])
     if stage in ("generate", "complete"):
         rest = [stage, *rest]
-    try:
-        rc = module.main(rest)
-    except MellumError as e:  # anything a user can cause: one line, no traceback (mellum2/errors.py)
-        print(f"mellum2 {stage}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"mellum2 {stage}: interrupted", file=sys.stderr)
-        return 130
-    return int(rc or 0)
+    return run_stage(stage, module.main, rest)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from mellum2 import atomic
 from mellum2.errors import MellumError
 
 from .special import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, special_ids
@@ -82,8 +83,8 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json (what transformers' AutoTokenizer reads)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / TOKENIZER_FILE, self.hf.to_str(pretty=True))
-        _atomic_write(path / CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False))
+        atomic.write_text(path / TOKENIZER_FILE, self.hf.to_str(pretty=True))
+        atomic.write_text(path / CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False))
         return path
 
     def hf_config(self) -> dict:
@@ -145,8 +146,3 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
