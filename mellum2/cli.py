@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from mellum2.allocator import keep_freed_memory
-from mellum2.errors import MellumError
+from mellum2.errors import run_stage
 
 # stage -> (module, one-line help). Each module defines main(argv: list[str]) -> int | None.
 STAGES: dict[str, tuple[str, str]] = {
@@ -29,22 +29,6 @@ def usage() -> str:
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in STAGES.items()]
     lines += ["", "`mellum2 <stage> --help` for a stage's options."]
     return "\n".join(lines)
-
-
-def run_stage(stage: str, main, argv: list[str] | None = None) -> int:
-    """`main(argv)` of a stage with the errors a user can cause printed as one line
-    (`mellum2 <stage>: error: ...`, mellum2/errors.py) and their exit code. The dispatcher runs every
-    stage through it, and a stage module started on its own (`python -m mellum2.train.pretrain`, as
-    torchrun does) too."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return int(main(argv) or 0)
-    except MellumError as e:  # anything a user can cause: one line, no traceback
-        print(f"mellum2 {stage}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"mellum2 {stage}: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mellum2 import Mellum2, ModelConfig
+from mellum2.errors import MellumError
 from mellum2.train import pretrain
 from mellum2.train.errors import TrainError, TrainingDiverged
 from mellum2.train.metrics import expert_load
@@ -180,6 +181,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--resume", "--out", "A_FILE"], "exists and is not a directory"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
+    """Each is a MellumError (TrainError, ConfigError, ShardError, NotFoundError ...) naming the problem."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("not a directory")
     bad = [{"EMPTY_DIR": str(tmp_path / "empty"), "A_FILE": str(tmp_path / "a_file")}.get(b, b) for b in bad]
@@ -190,7 +192,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
         args += ["--data", "synthetic"]
     if "--preset" not in bad:
         args += ["--preset", "test-small"]
-    with pytest.raises(TrainError, match=match):
+    with pytest.raises(MellumError, match=match):
         pretrain.run(args + bad)
     assert not (tmp_path / "o" / "checkpoints").exists()
 

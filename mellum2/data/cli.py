@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from mellum2.cli import run_stage
+from mellum2.errors import run_stage
 from mellum2.locate import default_data_dir
 
 from ..tokenizer import Tokenizer

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mellum2 import atomic
 from mellum2.errors import DiskError, MellumError, describe_os_error
-from mellum2.locate import default_cache_dir, default_data_dir  # noqa: F401 - re-exported
+from mellum2.locate import default_data_dir
 
 from ..tokenizer import Tokenizer, bytes_per_token, train_bpe
 from .curriculum import DEFAULT_PHASES, MAX_REPEATS, plan

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from mellum2 import atomic
-from mellum2.cli import run_stage
+from mellum2.errors import run_stage
 from mellum2.locate import resolve_model_dir, tokenizer_dir
 from mellum2.model import load_pretrained
 from mellum2.tokenizer import Tokenizer

@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 
 from mellum2.atomic import atomic_dir
 from mellum2.errors import MellumError
-from mellum2.locate import resolve_model_dir  # noqa: F401 - re-exported (mellum2.model.hf.resolve_model_dir)
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -18,10 +18,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mellum2.cli import run_stage
 from mellum2.data.dedup import content_key
 from mellum2.data.sources import iter_source
-from mellum2.errors import UsageError
+from mellum2.errors import UsageError, run_stage
 
 from .bpe import MIN_VOCAB, bytes_per_token, train_bpe
 from .special import SPECIAL_TOKENS

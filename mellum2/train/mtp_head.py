@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mellum2.atomic import atomic_dir
-from mellum2.cli import run_stage
 from mellum2.data import ensure_default_data
 from mellum2.data.shards import ShardStore
 from mellum2.data.sources import DOMAINS
-from mellum2.errors import MellumError
+from mellum2.errors import MellumError, run_stage
 from mellum2.infer.engine import Engine
 from mellum2.infer.sampling import SamplingParams
 from mellum2.locate import DRAFT_VOCAB_FILE, resolve_model_dir, tokenizer_dir

@@ -27,7 +27,7 @@ import torch
 
 from mellum2 import atomic
 from mellum2.allocator import keep_freed_memory
-from mellum2.cli import run_stage
+from mellum2.errors import run_stage
 from mellum2.model import Mellum2, ModelConfig
 from mellum2.model.accounting import flops_per_token
 from mellum2.tokenizer import Tokenizer
