@@ -2,6 +2,9 @@
 normalisation under loss masks and gradient accumulation, non-finite steps, outputs, bad input."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,7 +203,12 @@ def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
 def test_run_length_is_required(tmp_path):
     with pytest.raises(TrainError, match="--max-steps"):
         pretrain.run(["--preset", "test-small", "--out", str(tmp_path), "--data", "synthetic"])
-    assert pretrain.main(["--preset", "test-small", "--out", str(tmp_path), "--data", "synthetic"]) == 1
+    # as torchrun starts it (`python -m`, not through the dispatcher): still one line, exit 1
+    r = subprocess.run([sys.executable, "-m", "mellum2.train.pretrain", "--preset", "test-small", "--out",
+                        str(tmp_path), "--data", "synthetic"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and r.stderr == ("mellum2 train: error: give the length of the run: "
+                                              "--max-steps N or --tokens N\n"), r.stderr
 
 
 @pytest.mark.parametrize("mode, kw, expect, why", [
