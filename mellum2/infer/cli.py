@@ -71,8 +71,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     a("--dtype", choices=sorted(DTYPES), default="fp32")
     a("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a("--compile", action="store_true",
-      help="torch.compile the decode step (and greedy --speculative steps): 1.6-1.9x faster decoding on a CPU "
-           "after a 10-20 s compile per graph")
+      help="torch.compile the decode step (and greedy --speculative steps): faster decoding after a one-off "
+           "compile per graph (README.md: how long)")
     return p
 
 
