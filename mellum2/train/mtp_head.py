@@ -20,7 +20,9 @@ plus the head's forward and backward. Acceptance of greedy MTP speculation is me
 after on held-out code (Python files of the installed site-packages, which the embedded corpus
 excludes) and written to `mtp_head.json`. The checkpoint with the head is saved atomically
 (`mellum2.atomic.atomic_dir`: a temporary sibling renamed into place; files other than the weights,
-e.g. a tokenizer, are carried over). Like DeepSeek-V3's and Qwen3-Next's MTP modules, the head sees h_t and the embedding of x_{t+1}.
+e.g. a tokenizer, are carried over). Like DeepSeek-V3's and Qwen3-Next's MTP modules, the head sees
+h_t and the embedding of x_{t+1}. The head trains with the CPU training attention and fused q/k/v
+(`mellum2.kernels.install`; its experts keep torch's grouped_mm).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mellum2 import kernels
 from mellum2.atomic import atomic_dir
 from mellum2.data import ensure_default_data
 from mellum2.data.shards import ShardStore
@@ -193,6 +196,7 @@ def train_head(model: Mellum2, batches, steps: int, lr: float = 1e-3, warmup: in
                precision: str = "bf16", log_every: int = 25, say=print) -> list[dict]:
     """Train mtp.* for `steps` batches (AdamW, linear warmup, cosine decay to 10%); returns the log."""
     params = freeze_trunk(model)
+    kernels.install(model, experts=False)
     model.train()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     def sched(s):
