@@ -52,7 +52,8 @@ def resolve_model_dir(path, flag: str | None = None) -> Path:
         if (c / "model" / "config.json").is_file():
             return c / "model"
     raise NotFoundError(f"{_where(flag, path)}: no config.json there, in {path}/model or in "
-                        f"{path}/checkpoints/step_*/model (expected a checkpoint directory or a training run directory)")
+                        f"{path}/checkpoints/step_*/model (expected a checkpoint directory or a training run "
+                        f"directory)")
 
 
 def tokenizer_dir(model_dir=None, explicit=None, flag: str = "--tokenizer") -> Path:

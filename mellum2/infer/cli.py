@@ -5,8 +5,8 @@
 
 --model is a checkpoint directory (config.json + safetensors) or a training run directory (its newest
 checkpoint's model/ is used). The tokenizer is looked up next to the model, then in the run and in
-the default data directory (`--tokenizer DIR` to choose; mellum2/locate.py). The text streams to stdout as tokens come
-(held back while a multi-byte character is incomplete); the last line, on stderr, gives tokens/s
+the default data directory (`--tokenizer DIR` to choose; mellum2/locate.py). The text streams to
+stdout as tokens come (held back while a multi-byte character is incomplete); the last line, on stderr, gives tokens/s
 and, with --speculative, the acceptance rate. The dispatcher (mellum2/cli.py) passes the sub-command
 as argv[0]; errors reach it and are printed as one line (mellum2/errors.py).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mellum2.errors import MellumError, describe_os_error, run_stage
-from mellum2.locate import draft_vocab as load_draft_vocab  # noqa: F401 - the name this module had
+from mellum2.locate import draft_vocab as load_draft_vocab
 from mellum2.locate import resolve_model_dir, tokenizer_dir
 from mellum2.model import load_pretrained
 from mellum2.tokenizer import Tokenizer

@@ -10,9 +10,10 @@ Layout of `OUT/checkpoints/step_00000120/` (the number counts finished optimiser
 
 Atomicity: everything is written into a hidden sibling `.step_00000120.tmp`, fsynced, and renamed
 into place (`mellum2.atomic.atomic_dir`); only names matching `step_\\d{8}` are ever read, so a run
-killed mid-write leaves a hidden directory that is never picked up (and is removed by the next save). A directory that looks
-finished but fails validation (a file missing or of the wrong size) is an error naming the file,
-never silently skipped: resuming from an older one would later overwrite the newer steps.
+killed mid-write leaves a hidden directory that is never picked up (and is removed by the next
+save). A directory that looks finished but fails validation (a file missing or of the wrong size) is
+an error naming the file, never silently skipped: resuming from an older one would later overwrite
+the newer steps.
 
 Under FSDP, rank 0 writes what `parallel.full_model_state` / `full_optim_state` gathered.
 """
