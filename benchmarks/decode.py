@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mellum2.allocator import keep_freed_memory  # noqa: E402
 from mellum2 import Mellum2, ModelConfig, load_pretrained  # noqa: E402
-from mellum2.infer.cli import CliError, load_draft_vocab, resolve_model_dir, resolve_tokenizer  # noqa: E402
+from mellum2.errors import MellumError  # noqa: E402
+from mellum2.infer.cli import load_draft_vocab, resolve_tokenizer  # noqa: E402
+from mellum2.locate import resolve_model_dir  # noqa: E402
 from mellum2.infer.engine import Engine  # noqa: E402
 from mellum2.infer.sampling import SamplingParams  # noqa: E402
 
@@ -126,8 +128,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     if args.model:
         try:
-            mdir = resolve_model_dir(args.model)
-        except CliError as e:
+            mdir = resolve_model_dir(args.model, "--model")
+        except MellumError as e:
             p.error(str(e))
     else:
         mdir = Path(tempfile.mkdtemp(prefix="mellum2-bench-")) / "tiny"

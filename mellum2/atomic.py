@@ -3,7 +3,7 @@
 Each writer goes to a temporary sibling (same directory, so `os.replace` is a rename on one file
 system), flushes and fsyncs it, then renames it over the target. A failure removes the temporary and
 raises `DiskError` naming the path. Everything in the project that writes a file a later run reads
-(configs, metrics, summaries, plots, tokenizers, checkpoints' small files) goes through here.
+(configs, metrics, summaries, plots, tokenizers, checkpoints) goes through here.
 """
 from __future__ import annotations
 
@@ -57,10 +57,32 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory (so the files' names are durable too)."""
+    dirs = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            dirs.append(p)
+        elif p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in reversed(dirs):
+        _fsync_dir(d)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside `path`; on success it replaces `path` (an existing
-    directory is moved aside first and removed after the rename), so `path` is never half written."""
+    """Yields a fresh temporary directory beside `path`; on success its files are fsynced and it
+    replaces `path` (an existing directory is moved aside first and removed after the rename), so
+    `path` is never half written. For checkpoints, tokenizers and anything else that is a directory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -71,12 +93,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise DiskError(f"cannot write {path}: {describe_os_error(e)}") from None
     try:
         yield tmp
+        fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from mellum2.allocator import keep_freed_memory
-from mellum2.errors import MellumError
+from mellum2.errors import run_stage
 
 # stage -> (module, one-line help). Each module defines main(argv: list[str]) -> int | None.
 STAGES: dict[str, tuple[str, str]] = {
@@ -45,15 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[stage][0])
     if stage in ("generate", "complete"):
         rest = [stage, *rest]
-    try:
-        rc = module.main(rest)
-    except MellumError as e:  # anything a user can cause: one line, no traceback (mellum2/errors.py)
-        print(f"mellum2 {stage}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"mellum2 {stage}: interrupted", file=sys.stderr)
-        return 130
-    return int(rc or 0)
+    return run_stage(stage, module.main, rest)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Steps (each a call into the stage's own module, nothing demo-specific hidden here):
   1. the `tiny` model: its accounting next to the released 12B's, and a forward pass;
   2. the embedded corpus (Python's standard library, its docs, generated math), prepared once and cached;
-  3. pre-training `tiny` with its MTP head over the three-phase curriculum (`mellum2 train`, ~20 min on 2 cores);
+  3. pre-training `tiny` with its MTP head over the three-phase curriculum (`mellum2 train`; README.md says
+     how long the demo takes);
   4. code completion with the trained model: left to right and fill-in-the-middle, plain greedy and
      MTP self-speculative (identical output; acceptance and speed-up printed).
 Re-running continues where it stopped: a finished training run is reused, an interrupted one resumed.
@@ -16,8 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .data import ensure_default_data
+from .infer import demo_completion
 from .model import Mellum2, ModelConfig
 from .model.info import print_report, report
+from .tokenizer import Tokenizer
+from .train import checkpoint as ckpt
+from .train import pretrain
 
 
 def step_model() -> None:
@@ -42,8 +48,6 @@ def step_model() -> None:
 
 def step_data() -> Path:
     print("\n== 2. the embedded corpus ==")
-    from .data import ensure_default_data
-
     d = ensure_default_data(progress=True)
     print(f"prepared data: {d}")
     return d
@@ -51,9 +55,6 @@ def step_data() -> Path:
 
 def step_train(out: Path) -> Path:
     print("\n== 3. pre-training tiny (three-phase curriculum, Muon, WHD schedule, MTP) ==")
-    from .train import checkpoint as ckpt
-    from .train import pretrain
-
     args = pretrain.DEMO_ARGS + ["--out", str(out)]
     total = int(args[args.index("--max-steps") + 1])
     done = ckpt.list_checkpoints(out)
@@ -65,9 +66,6 @@ def step_train(out: Path) -> Path:
 
 def step_complete(run_dir: Path) -> dict:
     print("\n== 4. completion with the trained model (plain greedy vs MTP self-speculative) ==")
-    from .infer import demo_completion
-    from .tokenizer import Tokenizer
-
     return demo_completion(run_dir, Tokenizer.load(run_dir / "tokenizer"))
 
 

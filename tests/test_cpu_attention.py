@@ -1,9 +1,12 @@
-"""model/cpu_attention.py: SDPA's forward, our blocked backward; values and gradients vs SDPA."""
+"""kernels/cpu_attention.py: SDPA's forward, our blocked backward; values and gradients vs SDPA; and
+`kernels.install`, the one place that gives it to a model."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mellum2.model.cpu_attention import attention, wanted
+from mellum2 import kernels
+from mellum2.kernels import cpu_attention
+from mellum2.kernels.cpu_attention import applies, attention
 from mellum2.model.layers import attn_mask, doc_ids_from_positions
 
 
@@ -76,25 +79,34 @@ def test_a_broken_promise_shows():
         attention(q, k, v, m, window=0)
 
 
-def test_wanted_only_for_cpu_training():
+def test_applies_only_to_cpu_training():
     x = torch.randn(1, 1, 2, 2)
-    assert not wanted(x, torch.bfloat16)
-    assert wanted(x.requires_grad_(), torch.bfloat16)
-    assert not wanted(x, torch.float32)  # SDPA's fp32 backward is faster
+    assert not applies(x, torch.bfloat16)
+    assert applies(x.requires_grad_(), torch.bfloat16)
+    assert not applies(x, torch.float32)  # SDPA's fp32 backward is faster
     with torch.no_grad():
-        assert not wanted(x, torch.bfloat16)
+        assert not applies(x, torch.bfloat16)
 
 
-def test_opt_out(monkeypatch):
-    x = torch.randn(1, 1, 2, 2, requires_grad=True)
-    monkeypatch.setenv("MELLUM2_CPU_ATTENTION", "sdpa")
-    assert not wanted(x, torch.bfloat16)
+def test_a_model_as_built_runs_sdpa_and_install_selects_the_kernel(monkeypatch):
+    from mellum2 import Mellum2, ModelConfig
+    from mellum2.model.layers import Attention
+
+    m = Mellum2(ModelConfig.from_preset("test-small"))
+    attn = [x for x in m.modules() if isinstance(x, Attention)]
+    assert attn and all(x.kernel is None and not x.fuse_qkv for x in attn)
+    done = kernels.install(m, experts=False)
+    assert done["cpu_attention"] and done["fuse_qkv"]
+    assert all(x.kernel is cpu_attention.training_attention and x.fuse_qkv for x in attn)
+    monkeypatch.setenv("MELLUM2_CPU_ATTENTION", "sdpa")  # the opt-out, read at install
+    assert not kernels.install(m, experts=False)["cpu_attention"] and all(x.kernel is None for x in attn)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        kernels.install(m, attention="flash", experts=False)
 
 
 def test_model_training_uses_it_and_matches_sdpa(monkeypatch):
     """A training forward + backward of the model with and without it: same loss and gradients."""
     from mellum2 import Mellum2, ModelConfig
-    from mellum2.model import cpu_attention
 
     torch.manual_seed(0)
     m = Mellum2(ModelConfig.from_preset("test-small")).train()
@@ -102,13 +114,14 @@ def test_model_training_uses_it_and_matches_sdpa(monkeypatch):
     calls = []
     orig = cpu_attention.attention
     monkeypatch.setattr(cpu_attention, "attention", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    monkeypatch.setattr(cpu_attention, "wanted", lambda q, dt: q.requires_grad)  # fp32 too: exact comparison
+    monkeypatch.setattr(cpu_attention, "applies", lambda q, dt: q.requires_grad)  # fp32 too: exact comparison
+    kernels.install(m, experts=False, fuse_qkv=False)
     out = m(ids, labels=ids)
     out.loss.backward()
     g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     assert calls, "training forward did not use cpu_attention"
     m.zero_grad()
-    monkeypatch.setattr(cpu_attention, "wanted", lambda q, dt: False)
+    kernels.install(m, attention="sdpa", experts=False, fuse_qkv=False)
     ref = m(ids, labels=ids)
     ref.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss)
@@ -119,9 +132,9 @@ def test_model_training_uses_it_and_matches_sdpa(monkeypatch):
 
 def test_bf16_autocast_training_uses_it():
     from mellum2 import Mellum2, ModelConfig
-    from mellum2.model import cpu_attention
 
     m = Mellum2(ModelConfig.from_preset("test-small")).train()
+    kernels.install(m, experts=False)
     ids = torch.randint(0, m.cfg.vocab_size, (2, 24))
     seen = []
     orig = cpu_attention._Attention.forward
@@ -138,8 +151,6 @@ def test_bf16_autocast_training_uses_it():
 
 def test_compiled_backward_matches(monkeypatch):
     """Above `_COMPILE_FROM` score entries the backward runs compiled: same gradients as SDPA."""
-    from mellum2.model import cpu_attention
-
     monkeypatch.setattr(cpu_attention, "_COMPILE_FROM", 0)
     compiled = cpu_attention.CompiledOrEager(cpu_attention._backward, "test")
     called = []

@@ -1,4 +1,4 @@
-"""The CPU experts matmul (model/cpu_experts.py, parallel over experts) against torch's grouped_mm:
+"""The CPU experts matmul (kernels/cpu_experts.py, parallel over experts) against torch's grouped_mm:
 the same per-group `mm` calls, so forward and both gradients are equal bit for bit, also compiled;
 the trainer installs it (train/parallel.py) and keeps grouped_mm where it cannot be built."""
 import pytest
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from mellum2 import Mellum2, ModelConfig
-from mellum2.model import cpu_experts
+from mellum2 import kernels
+from mellum2.kernels import cpu_experts
 from mellum2.model.moe import Experts
 from mellum2.train.parallel import Dist, parallelize
 
@@ -80,6 +81,7 @@ def test_trainer_installs_it_and_training_matches_grouped_mm():
     torch.manual_seed(0)
     a, b = _model(), _model()
     b.load_state_dict(a.state_dict())
+    kernels.install(a, experts=False)  # the same fast paths but for the experts' matmul
     assert parallelize(b, Dist(), precision="bf16")["cpu_experts"] is True
     assert all(m.gmm is cpu_experts.grouped_mm for m in b.modules() if isinstance(m, Experts))
     ids = torch.randint(0, a.cfg.vocab_size, (2, 24))

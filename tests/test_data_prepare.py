@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mellum2.data import default_data_dir
+from mellum2.cli import main as mellum2_cli
 from mellum2.data.cli import main as data_cli
 from mellum2.data.embedded import iter_pydoc
 from mellum2.data.prepare import PrepareError, prepare
@@ -179,14 +180,17 @@ def test_cli(prepared, corpus, tmp_path, capsys):
     assert data_cli(["verify", str(out)]) == 0 and capsys.readouterr().out.strip() == "ok"
     assert data_cli(["sample", str(out), "--seq-len", "128", "--phase", "3"]) == 0
     assert "--- piece of" in capsys.readouterr().out
-    assert data_cli(["prepare", "--sources", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
-                     "--no-progress"]) == 2
+    # errors reach the dispatcher, which prints one line naming the problem (exit 1)
+    assert mellum2_cli(["data", "prepare", "--sources", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
+                        "--no-progress"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert data_cli(["info", str(tmp_path / "nowhere")]) == 2
+    assert mellum2_cli(["data", "info", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.startswith("mellum2 data: error: ")
     (tmp_path / "a_file").write_text("x")  # an --out that cannot be created: an error naming it, no traceback
-    assert data_cli(["prepare", "--sources", f"web:{corpus / 'web.jsonl'}", "--out", str(tmp_path / "a_file" / "sub"),
-                     "--no-progress"]) == 2
-    assert str(tmp_path / "a_file") in capsys.readouterr().err
+    assert mellum2_cli(["data", "prepare", "--sources", f"web:{corpus / 'web.jsonl'}", "--out",
+                        str(tmp_path / "a_file" / "sub"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "a_file") in err and err.count("\n") == 1
     other = ["prepare", "--sources", f"web:{corpus / 'web.jsonl'}", "--out", str(out), "--no-progress"]
     with pytest.raises(SystemExit):  # a complete directory built from other sources is not silently reused
         data_cli(other)

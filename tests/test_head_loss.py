@@ -1,11 +1,11 @@
 """The chunked LM head + cross-entropy (model/head_loss.py) against the logits path, and the
-compile-or-eager wrapper it and the CPU attention backward share (model/compiled.py)."""
+compile-or-eager wrapper it and the CPU attention backward share (kernels/compiled.py)."""
 import pytest
 import torch
 
 from mellum2 import Mellum2, ModelConfig
 from mellum2.model import head_loss
-from mellum2.model.compiled import CompiledOrEager
+from mellum2.kernels.compiled import CompiledOrEager
 from mellum2.model.head_loss import ce_chunk, linear_ce
 from mellum2.model.transformer import shifted_ce
 

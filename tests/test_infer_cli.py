@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mellum2 import Mellum2, ModelConfig
+from mellum2.cli import main as mellum2_cli
 from mellum2.infer import cli
 from mellum2.tokenizer.bpe import train_bpe
 
@@ -72,16 +73,16 @@ def test_errors_are_named(ckpt, capsys, argv, msg):
     d, _, _ = ckpt
     if "--model" not in argv:
         argv = argv[:1] + ["--model", str(d)] + argv[1:]
-    assert cli.main(argv) == 1
-    assert msg in capsys.readouterr().err
+    assert mellum2_cli(argv) == 1  # the dispatcher prints the error as one line
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith(f"mellum2 {argv[0]}: error: ") and err.count("\n") == 1
 
 
 def test_missing_tokenizer(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     Mellum2(ModelConfig.from_preset("test-small")).save_pretrained(tmp_path / "m")
-    import mellum2.data
-    monkeypatch.setattr(mellum2.data, "default_data_dir", lambda: tmp_path / "nothing")
-    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x"]) == 1
+    monkeypatch.setenv("MELLUM2_CACHE", str(tmp_path / "nothing"))  # no default data directory either
+    assert mellum2_cli(["generate", "--model", str(tmp_path / "m"), "--prompt", "x"]) == 1
     assert "--tokenizer" in capsys.readouterr().err
 
 
@@ -103,5 +104,5 @@ def test_draft_vocab_file_is_used_and_checked(ckpt, capsys, tmp_path):
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == plain  # a draft vocabulary never changes the output
     (d2 / "draft_vocab.json").write_text('{"nope": 1}')
-    assert cli.main(argv) == 1
+    assert mellum2_cli(argv) == 1
     assert "draft_vocab.json" in capsys.readouterr().err

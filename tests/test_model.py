@@ -178,22 +178,19 @@ def test_long_sequences_take_the_blocked_path(small, monkeypatch):
 def test_fused_qkv_training_path_equals_separate_projections(autocast):
     """Training computes q, k, v with one matmul on the concatenated weights; the loss and every
     gradient equal those of the three separate projections (tight in fp32, bf16 rounding else)."""
-    from mellum2.model.layers import Attention
+    from mellum2 import kernels
 
     torch.manual_seed(0)
     model = Mellum2(ModelConfig.from_preset("test-small")).train()
     ids = torch.randint(0, 256, (2, 24))
     results = []
-    try:
-        for fused in (True, False):
-            Attention.fuse_qkv = fused
-            model.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = model(ids, labels=ids).loss
-            loss.backward()
-            results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    finally:
-        Attention.fuse_qkv = True
+    for fused in (True, False):
+        kernels.install(model, attention="sdpa", experts=False, fuse_qkv=fused)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
     tol = 2e-2 if autocast else 1e-5
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mellum2 import Mellum2, ModelConfig, load_pretrained
+from mellum2.cli import main as mellum2_cli
 from mellum2.train import mtp_head
 from mellum2.train.mtp_head import freeze_trunk, measure_acceptance, train_head, with_fresh_head
 
@@ -148,8 +149,8 @@ def test_failed_save_leaves_the_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(Mellum2, "save_pretrained", boom)
-    rc = mtp_head.main(["--model", str(d), "--data", "synthetic", "--steps", "1", "--batch-size", "2",
-                        "--seq-len", "16", "--eval-prompts", "0"])
+    rc = mellum2_cli(["train-mtp", "--model", str(d), "--data", "synthetic", "--steps", "1", "--batch-size", "2",
+                      "--seq-len", "16", "--eval-prompts", "0"])
     assert rc == 1
     assert sorted(p.name for p in d.iterdir()) == before
     assert load_pretrained(d).mtp is None
@@ -164,5 +165,6 @@ def test_failed_save_leaves_the_checkpoint(tmp_path, monkeypatch):
 def test_cli_errors_name_the_problem(tmp_path, capsys, args, msg):
     d, _ = _ckpt(tmp_path)
     base = ["--model", str(d), "--data", "synthetic", "--eval-prompts", "0"]
-    assert mtp_head.main(base + args) == 1
-    assert msg in capsys.readouterr().err
+    assert mellum2_cli(["train-mtp"] + base + args) == 1
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith("mellum2 train-mtp: error: ")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from mellum2.data.prepare import prepare
+from mellum2.errors import NotFoundError
+from mellum2.model import ConfigError
 from mellum2.train import pretrain
 from mellum2.train.errors import TrainError
 
@@ -135,18 +137,19 @@ def test_long_context_stage_starts_from_the_base_weights(base_run):
 def test_long_context_stage_bad_arguments(data_dir, base_run, tmp_path):
     with pytest.raises(TrainError, match="needs --from"):
         pretrain.run(["--stage", "long-context", "--data", str(data_dir), "--out", str(tmp_path / "a"), "--max-steps", "1"])
-    with pytest.raises(TrainError, match="--from .*nowhere.*no config.json"):
+    with pytest.raises(NotFoundError, match="--from .*nowhere.*no config.json"):
         _stage(data_dir, tmp_path / "nowhere", tmp_path / "b")
     with pytest.raises(TrainError, match="--rope-factor: expected >= 1"):
         _stage(data_dir, base_run, tmp_path / "c", "--rope-factor", "0.5")
     with pytest.raises(TrainError, match="--from is for --stage long-context"):
         _run(data_dir, tmp_path / "d", "--from", str(base_run))
     lc = _stage(data_dir, base_run, tmp_path / "e", "--max-steps", "1")
-    with pytest.raises(TrainError, match="already uses YaRN"):  # extending an extended checkpoint again
+    with pytest.raises(ConfigError, match="already uses YaRN"):  # extending an extended checkpoint again
         _stage(data_dir, lc, tmp_path / "f", "--original-context", "256", "--seq-len", "512")
 
 
 def test_eval_cli_on_a_long_context_run(data_dir, base_run, tmp_path, capsys):
+    from mellum2.cli import main as mellum2_cli
     from mellum2.eval.cli import main as eval_main
 
     lc = _stage(data_dir, base_run, tmp_path / "lc", "--max-steps", "1")
@@ -167,5 +170,5 @@ def test_eval_cli_on_a_long_context_run(data_dir, base_run, tmp_path, capsys):
     rows = json.loads((tmp_path / "ppl.json").read_text())["buckets"]
     assert [(r["from"], r["to"]) for r in rows] == [(0, 32), (32, 64), (64, 128), (128, 256)]
     assert all(1 < r["ppl"] < 1e4 for r in rows)
-    assert eval_main(["passkey", "--model", str(tmp_path / "nowhere")]) == 1
+    assert mellum2_cli(["eval", "passkey", "--model", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: no config.json" in capsys.readouterr().err

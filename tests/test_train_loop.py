@@ -2,11 +2,15 @@
 normalisation under loss masks and gradient accumulation, non-finite steps, outputs, bad input."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mellum2 import Mellum2, ModelConfig
+from mellum2.errors import MellumError
 from mellum2.train import pretrain
 from mellum2.train.errors import TrainError, TrainingDiverged
 from mellum2.train.metrics import expert_load
@@ -180,6 +184,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--resume", "--out", "A_FILE"], "exists and is not a directory"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
+    """Each is a MellumError (TrainError, ConfigError, ShardError, NotFoundError ...) naming the problem."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("not a directory")
     bad = [{"EMPTY_DIR": str(tmp_path / "empty"), "A_FILE": str(tmp_path / "a_file")}.get(b, b) for b in bad]
@@ -190,7 +195,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
         args += ["--data", "synthetic"]
     if "--preset" not in bad:
         args += ["--preset", "test-small"]
-    with pytest.raises(TrainError, match=match):
+    with pytest.raises(MellumError, match=match):
         pretrain.run(args + bad)
     assert not (tmp_path / "o" / "checkpoints").exists()
 
@@ -198,7 +203,12 @@ def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
 def test_run_length_is_required(tmp_path):
     with pytest.raises(TrainError, match="--max-steps"):
         pretrain.run(["--preset", "test-small", "--out", str(tmp_path), "--data", "synthetic"])
-    assert pretrain.main(["--preset", "test-small", "--out", str(tmp_path), "--data", "synthetic"]) == 1
+    # as torchrun starts it (`python -m`, not through the dispatcher): still one line, exit 1
+    r = subprocess.run([sys.executable, "-m", "mellum2.train.pretrain", "--preset", "test-small", "--out",
+                        str(tmp_path), "--data", "synthetic"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and r.stderr == ("mellum2 train: error: give the length of the run: "
+                                              "--max-steps N or --tokens N\n"), r.stderr
 
 
 @pytest.mark.parametrize("mode, kw, expect, why", [

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def default_data_dir() -> Path:
-    """$MELLUM2_CACHE/data/default (default ~/.cache/mellum2/data/default)."""
-    from .prepare import default_data_dir as f
-    return f()
+from mellum2.locate import default_data_dir
 
 
 def ensure_default_data(progress: bool = True) -> Path:
     """The default prepared directory; runs `mellum2 data prepare` (embedded corpus) first if missing."""
-    from .prepare import ensure_default_data as f
+    from .prepare import ensure_default_data as f  # heavy (tokenizer training, filters, numpy): on first use
+
     return f(progress=progress)
 
 

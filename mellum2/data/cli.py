@@ -7,6 +7,7 @@
     mellum2 data sample [DIR] --seq-len 256   # decode one packed row of the loader
 
 `prepare` on a directory that is already complete only prints its summary (use --force to rebuild).
+Errors (a bad source, a damaged directory, ...) reach the `mellum2` dispatcher, which prints one line.
 """
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from mellum2.errors import run_stage
+from mellum2.locate import default_data_dir
+
+from ..tokenizer import Tokenizer
+from .loader import Loader
+from .prepare import STATS, prepare, summary
+from .shards import INDEX, ShardStore, verify
 
 
 def _positive(kind):
@@ -61,65 +70,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dir(arg: str | None) -> Path:
-    from .prepare import default_data_dir
     return Path(arg) if arg else default_data_dir()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .decontam import Decontaminator  # noqa: F401  (import errors surface before long work)
-    from .prepare import STATS, PrepareError, prepare, summary
-    from .shards import INDEX, ShardError, ShardStore, verify
-    from .sources import SourceError
-    from ..tokenizer import TokenizerError
-    try:
-        if args.cmd == "prepare":
-            if args.vocab_size < 289:
-                parser.error(f"--vocab-size must be >= 289 (33 specials + 256 bytes), got {args.vocab_size}")
-            if args.out is None and args.sources != ["embedded"]:
-                parser.error("--out is required with --sources (the default directory holds the embedded corpus)")
-            out = _dir(args.out)
-            if (out / INDEX).is_file() and not args.force:
-                store = ShardStore(out)  # the cached directory must still be readable
-                if store.index.get("sources") != args.sources:
-                    parser.error(f"--out {out} was prepared from {store.index.get('sources')}, not {args.sources}; "
-                                 "pass --force to rebuild it")
-                print(summary(json.loads((out / STATS).read_text())))
-                print(f"{out} is already prepared (--force rebuilds it)")
-                return 0
-            prepare(args.sources, out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
-                    scale=args.scale, decontaminate=not args.no_decontam, near_dedup=not args.no_near_dedup,
-                    text_field=args.text_field, split=args.split, tokenizer_train_mb=args.tokenizer_train_mb,
-                    budget=args.budget, progress=not args.no_progress)
-        elif args.cmd == "info":
-            d = _dir(args.dir)
-            store = ShardStore(d)
-            stats_file = d / STATS
-            if stats_file.is_file():
-                print(summary(json.loads(stats_file.read_text())))
-            for dom in store.domains:
-                print(f"{dom}: {store.n_docs(dom):,} documents, {int(store.doc_lens(dom).sum()):,} tokens")
-        elif args.cmd == "verify":
-            problems = verify(_dir(args.dir))
-            for p in problems:
-                print(p, file=sys.stderr)
-            print("ok" if not problems else f"{len(problems)} corrupt shard(s)")
-            return 1 if problems else 0
-        elif args.cmd == "sample":
-            return _sample(_dir(args.dir), args)
-    except (PrepareError, ShardError, SourceError, TokenizerError) as e:
-        print(f"mellum2 data {args.cmd}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. an --out that cannot be created: the message names the path
-        print(f"mellum2 data {args.cmd}: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    if args.cmd == "prepare":
+        if args.vocab_size < 289:
+            parser.error(f"--vocab-size must be >= 289 (33 specials + 256 bytes), got {args.vocab_size}")
+        if args.out is None and args.sources != ["embedded"]:
+            parser.error("--out is required with --sources (the default directory holds the embedded corpus)")
+        out = _dir(args.out)
+        if (out / INDEX).is_file() and not args.force:
+            store = ShardStore(out)  # the cached directory must still be readable
+            if store.index.get("sources") != args.sources:
+                parser.error(f"--out {out} was prepared from {store.index.get('sources')}, not {args.sources}; "
+                             "pass --force to rebuild it")
+            print(summary(json.loads((out / STATS).read_text())))
+            print(f"{out} is already prepared (--force rebuilds it)")
+            return 0
+        prepare(args.sources, out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
+                scale=args.scale, decontaminate=not args.no_decontam, near_dedup=not args.no_near_dedup,
+                text_field=args.text_field, split=args.split, tokenizer_train_mb=args.tokenizer_train_mb,
+                budget=args.budget, progress=not args.no_progress)
+    elif args.cmd == "info":
+        d = _dir(args.dir)
+        store = ShardStore(d)
+        stats_file = d / STATS
+        if stats_file.is_file():
+            print(summary(json.loads(stats_file.read_text())))
+        for dom in store.domains:
+            print(f"{dom}: {store.n_docs(dom):,} documents, {int(store.doc_lens(dom).sum()):,} tokens")
+    elif args.cmd == "verify":
+        problems = verify(_dir(args.dir))
+        for p in problems:
+            print(p, file=sys.stderr)
+        print("ok" if not problems else f"{len(problems)} corrupt shard(s)")
+        return 1 if problems else 0
+    elif args.cmd == "sample":
+        return _sample(_dir(args.dir), args)
     return 0
 
 
 def _sample(d: Path, args) -> int:
-    from ..tokenizer import Tokenizer
-    from .loader import Loader
     total = 1_000_000
     loader = Loader(d, batch_size=1, seq_len=args.seq_len, total_tokens=total, seed=args.seed)
     loader.tokens_seen = loader.phase_boundaries[args.phase - 2] if args.phase > 1 else 0
@@ -137,4 +131,4 @@ def _sample(d: Path, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("data", main))

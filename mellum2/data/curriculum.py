@@ -1,6 +1,6 @@
 """Mellum 2's three-phase curriculum: domain mixtures, token budgets, FIM rates, repetition caps.
 
-From the report (mellum2-facts.md §3):
+From the report (docs/mellum2.md §3):
 
     phase  budget  web / code / math   FIM rate
     1      58%     70 / 23 / 6         50%, all documents
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DOMAINS = ("web", "code", "math")
+from .document import DOMAINS
 MAX_REPEATS = 4
 
 

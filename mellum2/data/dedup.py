@@ -1,6 +1,6 @@
 """Exact and near-duplicate removal at file level: a content hash and MinHash + LSH (numpy only).
 
-Mellum 2 deduplicates code with MinHash at file level (mellum2-facts.md §3); we follow the StarCoder
+Mellum 2 deduplicates code with MinHash at file level (docs/mellum2.md §3); we follow the StarCoder
 recipe where the report is silent: shingles are 5-grams of whitespace-separated words, 128 hash
 functions, LSH with 32 bands of 4 rows (a pair with Jaccard 0.7 becomes a candidate with probability
 1 - (1 - 0.7^4)^32 > 0.999), and a candidate is a duplicate when its estimated Jaccard similarity to an

@@ -29,8 +29,10 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from tqdm import tqdm
+
 from . import mathgen
-from .sources import DOMAINS, Document, read_text_file
+from .document import DOMAINS, Document, read_text_file
 
 MB = 1 << 20
 CAPS_MB = {  # part -> MB at scale 1.0
@@ -134,7 +136,7 @@ def iter_docstrings() -> Iterator[Document]:
 
 
 def iter_pydoc() -> Iterator[Document]:
-    try:
+    try:  # large (the whole language reference as one dict), and missing from some minimal Pythons
         from pydoc_data.topics import topics
     except ImportError:
         return
@@ -260,7 +262,6 @@ def iter_embedded(domains: Iterable[str] = DOMAINS, scale: float = 1.0, seed: in
         raise ValueError(f"iter_embedded: domains must be a non-empty subset of {DOMAINS}, got {domains}")
     if not scale > 0:
         raise ValueError(f"iter_embedded: scale must be > 0, got {scale}")
-    from tqdm import tqdm
     for part, (domain, fn) in PARTS.items():
         if domain in domains:
             docs = _capped(fn(), CAPS_MB[part] * MB * scale)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tokenizer import Tokenizer
 from .fim import PSM, SPM, FimIds, apply_fim, draw_cuts
 from .shards import ShardStore
 
@@ -44,8 +45,6 @@ class LongContextLoader:
             raise ValueError(f"LongContextLoader: rank must be in [0, {world_size}), got {rank}")
         self.store = ShardStore(data_dir)
         if tokenizer is None:
-            from ..tokenizer import Tokenizer
-
             tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer")
         self.tok = tokenizer
         self.batch_size, self.seq_len, self.total_tokens = int(batch_size), int(seq_len), int(total_tokens)

@@ -1,6 +1,6 @@
 """Packing documents into fixed-length rows: best-fit over a buffer, and greedy concatenation.
 
-Mellum 2 packs with best-fit (mellum2-facts.md §3) to truncate fewer documents than concatenating
+Mellum 2 packs with best-fit (docs/mellum2.md §3) to truncate fewer documents than concatenating
 the stream and cutting it every `seq_len` tokens. Our best-fit:
 
 - a document longer than the largest piece (`max_piece`) is cut into consecutive pieces of at most

@@ -27,36 +27,32 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from mellum2 import atomic
+from mellum2.errors import DiskError, MellumError, describe_os_error
+from mellum2.locate import default_data_dir
+
 from ..tokenizer import Tokenizer, bytes_per_token, train_bpe
 from .curriculum import DEFAULT_PHASES, MAX_REPEATS, plan
 from .decontam import Decontaminator
 from .dedup import ExactDedup, NearDedup, content_key
 from .filters import FilterConfig, low_diversity, text_reason
 from .packing import pack_best_fit, pack_greedy
-from .shards import INDEX, ShardWriter, atomic_write_text, token_dtype, write_index
+from .shards import INDEX, ShardWriter, token_dtype, write_index
 from .sources import DOMAINS, Document, iter_source
 
 STATS = "stats.json"
 
 
-class PrepareError(RuntimeError):
+class PrepareError(MellumError, RuntimeError):
     """Prepare cannot produce a dataset (no documents, a bad tokenizer, ...); the message says why."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MELLUM2_CACHE") or Path.home() / ".cache" / "mellum2").expanduser()
-
-
-def default_data_dir() -> Path:
-    """Where `mellum2 data prepare` (no --out) writes the embedded corpus: $MELLUM2_CACHE/data/default."""
-    return default_cache_dir() / "data" / "default"
 
 
 def ensure_default_data(progress: bool = True) -> Path:
     """The default prepared directory, preparing the embedded corpus first if it is not complete.
     Safe to call from every rank at once: an exclusive file lock lets one process prepare while the
     others wait and then find the index."""
-    import fcntl
+    import fcntl  # Unix only (the lock), so imported where it is used
+
     out = default_data_dir()
     if (out / INDEX).is_file():
         return out
@@ -137,14 +133,14 @@ def prepare(sources: Sequence[str] = ("embedded",), out: str | Path | None = Non
         raise PrepareError(f"--out {out}: exists and is not a directory")
     if not sources:
         raise PrepareError("no sources given")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiskError(f"--out {out}: cannot create it ({describe_os_error(e)})") from None
     (out / INDEX).unlink(missing_ok=True)  # from here on the directory reads as incomplete
     shutil.rmtree(out / "shards", ignore_errors=True)
     cfg = filters or FilterConfig()
-    try:
-        decontam = Decontaminator.humaneval() if decontaminate else None
-    except ImportError as e:
-        raise PrepareError(f"{e}; or pass --no-decontam") from None
+    decontam = Decontaminator.humaneval() if decontaminate else None
     removed: dict[str, Counter] = defaultdict(Counter)
     docs_in, bytes_in = Counter(), Counter()
     spool = out / f".spool-{os.getpid()}.jsonl"
@@ -196,11 +192,11 @@ def prepare(sources: Sequence[str] = ("embedded",), out: str | Path | None = Non
     t3 = time.time()
     stats = _stats(sources, docs_in, bytes_in, removed, lens, stored_bytes, tok, held, budget, seed,
                    {"filter_dedup_s": t1 - t0, "tokenizer_s": t2 - t1, "tokenize_write_s": t3 - t2})
-    atomic_write_text(out / STATS, json.dumps(stats, indent=1))
+    atomic.write_text(out / STATS, json.dumps(stats, indent=1))
     write_index(out, shards, dtype, tok.vocab_size, tok.special_ids,
                 extra={"created_by": "mellum2 data prepare", "sources": list(sources), "seed": seed})
     stats["timing"]["total_s"] = time.time() - t0
-    atomic_write_text(out / STATS, json.dumps(stats, indent=1))
+    atomic.write_text(out / STATS, json.dumps(stats, indent=1))
     log(summary(stats))
     log(f"prepared {out} in {stats['timing']['total_s']:.1f} s")
     return stats

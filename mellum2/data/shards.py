@@ -26,23 +26,20 @@ from typing import Iterator
 
 import numpy as np
 
+from mellum2 import atomic
+from mellum2.errors import MellumError
+
 INDEX = "index.json"
 FORMAT = "mellum2-shards"
 VERSION = 1
 
 
-class ShardError(ValueError):
+class ShardError(MellumError, ValueError):
     """A missing, incomplete or corrupt data directory; the message names the file and the problem."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -84,11 +81,10 @@ class ShardWriter:
             self._tmp.unlink()
             return
         base = self.dir / self.name
-        idx_tmp = self.dir / f".{self.name}.idx.tmp{os.getpid()}.npy"
-        np.save(idx_tmp, np.asarray(self._offsets, np.int64))
-        atomic_write_text(Path(f"{base}.meta.jsonl"), "\n".join(self._meta) + "\n")
-        os.replace(idx_tmp, f"{base}.idx.npy")
-        os.replace(self._tmp, f"{base}.bin")
+        with atomic.atomic_path(f"{base}.idx.npy", suffix=".npy") as idx_tmp:
+            np.save(idx_tmp, np.asarray(self._offsets, np.int64))
+        atomic.write_text(f"{base}.meta.jsonl", "\n".join(self._meta) + "\n")
+        os.replace(self._tmp, f"{base}.bin")  # the shard is streamed to its temporary; complete now
         self.shards.append({"name": self.name, "domain": self.domain, "n_docs": len(self._offsets) - 1,
                             "n_tokens": self._offsets[-1], "bytes": self._offsets[-1] * self.dtype.itemsize,
                             "blake2b": self._hash.hexdigest()})
@@ -108,7 +104,7 @@ def write_index(root: Path, shards: list[dict], dtype: np.dtype, vocab_size: int
     index = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
              "special_ids": special_ids, "tokenizer": "tokenizer", "domains": domains, "shards": shards,
              **(extra or {})}
-    atomic_write_text(Path(root) / INDEX, json.dumps(index, indent=1))
+    atomic.write_text(Path(root) / INDEX, json.dumps(index, indent=1))
     return index
 
 

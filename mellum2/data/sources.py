@@ -21,11 +21,13 @@ import glob as globlib
 import gzip
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-DOMAINS = ("web", "code", "math")
+from mellum2.errors import MellumError
+
+from .document import DOMAINS, MAX_FILE_BYTES, Document, read_text_file
+from .embedded import iter_embedded
 
 # extension -> language of a code file (lower-case, with the dot)
 CODE_EXTS = {
@@ -40,23 +42,10 @@ CODE_EXTS = {
 }
 TEXT_EXTS = {".txt", ".md", ".rst", ".text", ".tex", ""}
 TABLE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-MAX_FILE_BYTES = 4 << 20  # larger files are skipped when walking directories (data dumps, not code)
 
 
-class SourceError(ValueError):
+class SourceError(MellumError, ValueError):
     """A bad source spec, a missing path or a malformed table; the message names which."""
-
-
-@dataclass
-class Document:
-    text: str
-    domain: str  # one of DOMAINS
-    lang: str = ""  # language of a code document ("python", "c", ...), "" otherwise
-    source: str = ""  # file path, or "table.jsonl:row", or "hf:name:row"
-    group: str = ""  # package / directory / repository the document belongs to
-
-    def meta(self) -> dict:
-        return {"domain": self.domain, "lang": self.lang, "source": self.source, "group": self.group}
 
 
 def language_of(path: str | Path) -> str:
@@ -74,22 +63,6 @@ def _check_domain(domain: str | None, where: str) -> None:
 
 
 # ---------------------------------------------------------------------- files and directories
-def read_text_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str | None:
-    """UTF-8 text of a file, or None if it is too large, binary (NUL bytes) or not valid UTF-8."""
-    try:
-        if path.stat().st_size > max_bytes:
-            return None
-        raw = path.read_bytes()
-    except OSError:
-        return None
-    if b"\x00" in raw[:8192]:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 def iter_files(root: str | Path, domain: str | None = None, pattern: str | None = None,
                exts: set[str] | None = None, max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document]:
     """Documents of the files under `root` (a directory walked recursively, one file, or a glob via
@@ -178,7 +151,7 @@ def iter_parquet(path: str | Path, domain: str | None = None, text_field: str = 
                  batch_rows: int = 1024) -> Iterator[Document]:
     """Rows of a Parquet file, read in record batches (needs pyarrow: `pip install mellum2[datasets]`)."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional dependency (the `datasets` extra)
     except ImportError:
         raise SourceError(f"{path}: reading Parquet needs pyarrow (pip install 'mellum2[datasets]')") from None
     path = Path(path)
@@ -199,7 +172,7 @@ def iter_hf(name: str, config: str | None = None, domain: str | None = None, tex
             split: str = "train") -> Iterator[Document]:
     """A Hugging Face dataset, streamed (needs `datasets`: `pip install mellum2[datasets]`)."""
     try:
-        import datasets
+        import datasets  # optional dependency (the `datasets` extra)
     except ImportError:
         raise SourceError(f"hf:{name}: streaming needs the `datasets` package "
                           "(pip install 'mellum2[datasets]')") from None
@@ -228,7 +201,6 @@ def iter_source(spec: str, text_field: str = "text", split: str = "train",
     """Documents of one source spec (see the module docstring)."""
     domain, target = parse_spec(spec)
     if target == "embedded" or target.startswith("embedded:"):
-        from .embedded import iter_embedded
         part = target.partition(":")[2] or domain
         _check_domain(part or None, f"source {spec!r}")
         yield from iter_embedded(domains=(part,) if part else DOMAINS, scale=embedded_scale, progress=progress)

@@ -1,1 +1,2 @@
-"""Evaluations: passkey retrieval, perplexity by position (more to come: HumanEval, bits per byte, FIM)."""
+"""Evaluations: passkey retrieval and perplexity by position on long repository-level code
+(`mellum2 eval`, docs/long_context.md)."""

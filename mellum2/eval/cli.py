@@ -8,29 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
+from mellum2 import atomic
+from mellum2.errors import run_stage
+from mellum2.locate import resolve_model_dir, tokenizer_dir
+from mellum2.model import load_pretrained
+from mellum2.tokenizer import Tokenizer
 
-def load_tokenizer(model_dir: str | None, tokenizer_dir: str | None):
-    """The tokenizer saved with the checkpoint, else an explicit one, else the default corpus's."""
-    from ..tokenizer import Tokenizer
+from . import longdata, passkey, ppl
 
-    for cand in ([tokenizer_dir] if tokenizer_dir else []) + ([model_dir] if model_dir else []):
-        p = Path(cand)
-        for d in (p, p / "tokenizer"):
-            if (d / "tokenizer.json").exists():
-                return Tokenizer.load(d)
-    if tokenizer_dir:
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json")
-    from ..data import default_data_dir
 
-    d = default_data_dir() / "tokenizer"
-    if not (d / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer.json in {model_dir} and no default corpus tokenizer at {d}; "
-                                f"pass --tokenizer DIR or run `mellum2 data prepare`")
-    return Tokenizer.load(d)
+def load_tokenizer(model_dir: str | None, tokenizer: str | None) -> Tokenizer:
+    """`tokenizer` (a directory) when given, else the one found next to the checkpoint or run
+    (mellum2.locate.tokenizer_dir), else the default corpus's."""
+    return Tokenizer.load(tokenizer_dir(resolve_model_dir(model_dir) if model_dir else None, tokenizer))
 
 
 def _ints(s: str) -> list[int]:
@@ -77,18 +70,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from ..model import CheckpointError, ConfigError, load_pretrained, resolve_model_dir
-
-    try:
-        model = load_pretrained(resolve_model_dir(a.model), dtype=a.dtype, mtp=False)
-        tok = load_tokenizer(a.model, a.tokenizer)
-    except (FileNotFoundError, CheckpointError, ConfigError) as e:
-        print(f"mellum2 eval {a.task}: error: {e}", file=sys.stderr)
-        return 1
+    mdir = resolve_model_dir(a.model, "--model")
+    model = load_pretrained(mdir, dtype=a.dtype, mtp=False)
+    tok = Tokenizer.load(tokenizer_dir(mdir, a.tokenizer))
     torch.manual_seed(0)
     if a.task == "passkey":
-        from . import passkey
-
         def show(L, d, acc):
             print(f"  length {L:>6} depth {d:.2f}: {acc:.2f}", file=sys.stderr)
 
@@ -99,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {L:>6} tokens: {acc:.2f}   digit accuracy {res['token_acc_by_length'][L]:.2f}, "
                   f"digit nll {res['nll_by_length'][L]:.2f}")
     else:
-        from . import longdata, ppl
-
         seqs = longdata.repo_sequences(tok, a.length, a.n, a.source)
         nll = ppl.nll_by_position(model, seqs)
         res = {"buckets": ppl.bucketed(nll, ppl.buckets_for(a.length, a.first_bucket)), "n": len(seqs)}
@@ -108,5 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in res["buckets"]:
             print(f"  [{r['from']:>6}, {r['to']:>6}): nll {r['nll']:.3f}  ppl {r['ppl']:.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+        atomic.write_text(a.json, json.dumps(res, indent=2) + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("eval", main))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def default_root() -> Path:
-    import pip
+    import pip  # only to find its directory, and only for the default source
 
     return Path(pip.__file__).parent
 

@@ -5,10 +5,10 @@
 
 --model is a checkpoint directory (config.json + safetensors) or a training run directory (its newest
 checkpoint's model/ is used). The tokenizer is looked up next to the model, then in the run and in
-the default data directory (`--tokenizer DIR` to choose). The text streams to stdout as tokens come
-(held back while a multi-byte character is incomplete); the last line, on stderr, gives tokens/s
+the default data directory (`--tokenizer DIR` to choose; mellum2/locate.py). The text streams to
+stdout as tokens come (held back while a multi-byte character is incomplete); the last line, on stderr, gives tokens/s
 and, with --speculative, the acceptance rate. The dispatcher (mellum2/cli.py) passes the sub-command
-as argv[0].
+as argv[0]; errors reach it and are printed as one line (mellum2/errors.py).
 """
 from __future__ import annotations
 
@@ -19,53 +19,26 @@ from pathlib import Path
 
 import torch
 
+from mellum2.errors import MellumError, describe_os_error, run_stage
+from mellum2.locate import draft_vocab as load_draft_vocab
+from mellum2.locate import resolve_model_dir, tokenizer_dir
+from mellum2.model import load_pretrained
+from mellum2.tokenizer import Tokenizer
+
+from .api import make_params
+from .engine import Engine
+from .fim import fim_prompt, fim_stop_ids
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class CliError(Exception):
-    pass
+class CliError(MellumError):
+    """A bad prompt or sampling option of `mellum2 generate` / `complete`."""
 
 
-def resolve_model_dir(path: str) -> Path:
-    from mellum2.model import resolve_model_dir as resolve
-
-    try:
-        return resolve(path)
-    except FileNotFoundError as e:
-        raise CliError(f"--model {e}") from None
-
-
-def resolve_tokenizer(arg: str | None, model_dir: Path):
-    from mellum2.tokenizer import Tokenizer
-
-    if arg:
-        return Tokenizer.load(arg)
-    candidates = [model_dir, model_dir / "tokenizer"] + [d / "tokenizer" for d in model_dir.parents[:4]]
-    try:
-        from mellum2.data import default_data_dir
-
-        candidates.append(Path(default_data_dir()) / "tokenizer")
-    except Exception:  # the data package may be absent
-        pass
-    for c in candidates:
-        if (c / "tokenizer.json").is_file():
-            return Tokenizer.load(c)
-    raise CliError(f"no tokenizer.json next to {model_dir}, in its parents or in the default data directory; "
-                   f"pass --tokenizer DIR")
-
-
-def load_draft_vocab(model_dir: Path):
-    """The draft vocabulary `mellum2 train-mtp` stored next to the weights (draft_vocab.json), or None."""
-    import json
-
-    f = Path(model_dir) / "draft_vocab.json"
-    if not f.is_file():
-        return None
-    try:
-        ids = json.loads(f.read_text())["ids"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CliError(f"{f}: malformed draft vocabulary ({e}); expected {{\"ids\": [...]}}") from None
-    return ids
+def resolve_tokenizer(arg: str | None, model_dir: Path) -> Tokenizer:
+    """`--tokenizer DIR` when given, else the tokenizer found next to the model (mellum2.locate)."""
+    return Tokenizer.load(tokenizer_dir(model_dir, arg))
 
 
 def build_parser(cmd: str) -> argparse.ArgumentParser:
@@ -98,8 +71,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     a("--dtype", choices=sorted(DTYPES), default="fp32")
     a("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a("--compile", action="store_true",
-      help="torch.compile the decode step (and greedy --speculative steps): 1.6-1.9x faster decoding on a CPU "
-           "after a 10-20 s compile per graph")
+      help="torch.compile the decode step (and greedy --speculative steps): faster decoding after a one-off "
+           "compile per graph (README.md: how long)")
     return p
 
 
@@ -125,18 +98,16 @@ class TextStream:
 
 
 def run(cmd: str, args) -> int:
-    from mellum2.model import load_pretrained
-
-    from .engine import Engine
-    from .fim import fim_prompt, fim_stop_ids
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    mdir = resolve_model_dir(args.model)
+    mdir = resolve_model_dir(args.model, "--model")
     tok = resolve_tokenizer(args.tokenizer, mdir)
     model = load_pretrained(mdir, dtype=DTYPES[args.dtype])
     if cmd == "generate":
-        text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+        try:
+            text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+        except OSError as e:
+            raise CliError(f"--prompt-file {describe_os_error(e)}") from None
         ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(text, allow_special=False)
         stop_ids = tuple(i for i in (tok.eot_id, tok.eos_id) if i is not None)
         if not ids:
@@ -144,8 +115,6 @@ def run(cmd: str, args) -> int:
     else:
         ids = fim_prompt(tok, args.prefix, args.suffix)
         stop_ids = fim_stop_ids(tok)
-    from .api import make_params
-
     try:
         params = make_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                              list(stop_ids) + list(args.stop), min_p=args.min_p,
@@ -186,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(cmd).parse_args(argv[1:])
     try:
         return run(cmd, args)
-    except (CliError, ValueError, OSError) as e:
-        print(f"mellum2 {cmd}: error: {e}", file=sys.stderr)
-        return 1
+    except MellumError:
+        raise
+    except ValueError as e:  # an argument the engine refuses (a prompt too long, ...): a user error
+        raise CliError(str(e)) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    argv = sys.argv[1:]
+    sys.exit(run_stage(argv[0] if argv else "generate", main, argv))

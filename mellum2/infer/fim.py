@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
 from pathlib import Path
+
+from mellum2.locate import draft_vocab as stored_draft_vocab
+from mellum2.locate import resolve_model_dir
 
 from .api import as_model, make_params
 from .engine import Engine, Stats, engine_for
@@ -97,10 +99,7 @@ def demo_completion(model_dir_or_model, tokenizer, prompts=DEMO_PROMPTS, max_new
     directory's draft_vocab.json (from `mellum2 train-mtp`) is used unless draft_vocab is given."""
     m = as_model(model_dir_or_model)
     if draft_vocab is None and isinstance(model_dir_or_model, (str, Path)) and m.mtp is not None:
-        from mellum2.model import resolve_model_dir
-        from .cli import load_draft_vocab
-
-        draft_vocab = load_draft_vocab(resolve_model_dir(model_dir_or_model))
+        draft_vocab = stored_draft_vocab(resolve_model_dir(model_dir_or_model))
     m = Engine(m, draft_vocab=draft_vocab)  # its own engine: the cached one keeps the full vocabulary
     totals = {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "identical": True}
     for p in prompts:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mellum2.errors import MellumError, NotFoundError
+
 LAYER_TYPES = ("sliding_attention", "full_attention")
 MLP_TYPES = ("sparse", "dense")
 ROPE_TYPES = ("default", "yarn")
@@ -29,7 +31,7 @@ _OUR_FIELDS = ("num_nextn_predict_layers", "mtp_loss_weight", "router_z_loss_coe
 _HF_RENAMES = {"num_local_experts": "num_experts"}
 
 
-class ConfigError(ValueError):
+class ConfigError(MellumError, ValueError):
     """An invalid or unsupported model configuration; the message names the field."""
 
 
@@ -203,7 +205,7 @@ class ModelConfig:
                 p = p / "config.json"
             where = str(p)
             if not p.exists():
-                raise FileNotFoundError(f"{p}: no config.json (expected a Hugging Face checkpoint directory)")
+                raise NotFoundError(f"{p}: no config.json (expected a Hugging Face checkpoint directory)")
             try:
                 src = json.loads(p.read_text())
             except json.JSONDecodeError as e:

@@ -5,7 +5,7 @@ fp32 copy, the log-softmax, and in backward their gradients of the same size (at
 tokens and 8k vocabulary, ~134 MB each, a tenth of a CPU training step). `linear_ce` instead walks
 the tokens in chunks: logits of a chunk in the compute dtype (bf16 under autocast, as the head's
 matmul would give them), loss and d loss / d logits in fp32 (`ce_chunk`, compiled for large chunks,
-model/compiled.py), and the gradients of the head's input and weight right away; backward only
+kernels/compiled.py), and the gradients of the head's input and weight right away; backward only
 scales them by the incoming gradient (the approach of Liger-Kernel's fused linear cross-entropy).
 Same numerics as the logits path: the logits are rounded to the compute dtype before the fp32
 softmax in both, and the logits' gradient is rounded to it before the matmuls in both
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .compiled import CompiledOrEager
+from mellum2.kernels.compiled import CompiledOrEager
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (8M: 16 MB in bf16); rows = this // vocab
 

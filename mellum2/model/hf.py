@@ -3,45 +3,47 @@
 Loads: config.json + `model.safetensors` or shards listed in `model.safetensors.index.json`, with
 experts either one tensor per expert (the released layout, and what transformers 5.18's
 `save_pretrained` writes) or packed as transformers holds them in memory (`experts.gate_up_proj`
-[E, 2I, D], `experts.down_proj` [E, D, I]). The model is built on the meta device, allocated once in
-the target dtype, and filled one memory-mapped tensor at a time, so two full copies never coexist.
-Every key, shape and file is checked; any problem raises `CheckpointError` naming the file and key.
+[E, 2I, D], `experts.down_proj` [E, D, I]). `load_weights` fills a model that was built on the meta
+device and allocated once in the target dtype (transformer.load_pretrained) one memory-mapped tensor
+at a time, so two full copies never coexist. Every key, shape and file is checked; any problem raises
+`CheckpointError` naming the file and key.
 
-Saves: the released layout, sharded above `max_shard_bytes`, written into a temporary sibling
-directory that is renamed into place only when complete (a crash leaves no directory that looks
-like a finished checkpoint). MTP weights go under `mtp.*` with `num_nextn_predict_layers` in config.json.
+Saves: the released layout, sharded above `max_shard_bytes`, written through `mellum2.atomic.atomic_dir`
+(a temporary sibling directory renamed into place only when complete, so a crash leaves no directory
+that looks like a finished checkpoint). MTP weights go under `mtp.*` with `num_nextn_predict_layers`
+in config.json.
+
+This module knows the file format, not the model class (`model` is any module with Mellum2's
+parameter names and a `cfg`): transformer.py imports it for `save_pretrained` and `load_pretrained`.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig
-from .transformer import Mellum2
+from mellum2.atomic import atomic_dir
+from mellum2.errors import MellumError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MellumError, ValueError):
     """A checkpoint that cannot be loaded as it stands; the message names the file and key."""
 
 
 # ---------------------------------------------------------------------------- save
-def hf_state(model: Mellum2):
+def hf_state(model):
     """(name, tensor) pairs of the released layout; experts split into per-expert views."""
     for name, t in model.state_dict().items():
         m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
@@ -52,13 +54,11 @@ def hf_state(model: Mellum2):
             yield name, t
 
 
-def save_pretrained(model: Mellum2, path, max_shard_bytes: int | None = None, dtype=None) -> None:
+def save_pretrained(model, path, max_shard_bytes: int | None = None, dtype=None) -> None:
     path = Path(path)
     max_shard_bytes = max_shard_bytes or DEFAULT_SHARD_BYTES
     dtype = dtype or next(model.parameters()).dtype
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in hf_state(model):
@@ -80,28 +80,6 @@ def save_pretrained(model: Mellum2, path, max_shard_bytes: int | None = None, dt
         cfg = model.cfg.replace(extra={**model.cfg.extra, "architectures": ["MellumForCausalLM"],
                                        "dtype": str(dtype).removeprefix("torch.")})
         cfg.save(tmp / "config.json")
-        for f in tmp.iterdir():
-            _fsync(f)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync(f: Path) -> None:
-    with open(f, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename tmp -> path; an existing path is moved aside first and removed only afterwards."""
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- load
@@ -146,39 +124,11 @@ def check_safetensors(f: Path) -> None:
         raise CheckpointError(f"{f}: truncated safetensors file (expected {8 + n + end} bytes, found {size})")
 
 
-def resolve_model_dir(path) -> Path:
-    """A checkpoint directory, or a training run directory whose newest checkpoint holds model/."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    ckpts = sorted((p / "checkpoints").glob("step_[0-9]*")) if (p / "checkpoints").is_dir() else []
-    for c in reversed(ckpts):
-        if (c / "model" / "config.json").is_file():
-            return c / "model"
-    raise FileNotFoundError(f"{path}: no config.json there, in {path}/model or in {path}/checkpoints/step_*/model "
-                            f"(expected a checkpoint directory or a training run directory)")
-
-
-def load_pretrained(path, dtype=None, device="cpu", mtp: bool = True, cfg: ModelConfig | None = None) -> Mellum2:
-    """Load a Mellum checkpoint directory. dtype: torch dtype or name; default the checkpoint's
-    `dtype` (float32 if absent). `mtp=False` ignores MTP weights and builds no head. `cfg`: build the
-    model for this config instead of the checkpoint's (same tensors, e.g. its context extended with
-    `cfg.extend_context`); the weights are loaded once, straight into that model."""
+def load_weights(model, path, mtp: bool = True) -> None:
+    """Fill `model` (allocated, any dtype and device) from the checkpoint directory `path`; every
+    parameter must be found exactly once. `mtp=False` skips the checkpoint's `mtp.*` tensors."""
     path = Path(path)
-    cfg = cfg or ModelConfig.from_hf(path)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype {dtype!r} not one of {list(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    dtype = dtype or _DTYPES.get(cfg.extra.get("dtype"), torch.float32)
-    if not mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
     files = weight_files(path)
-    with torch.device("meta"):
-        model = Mellum2(cfg)
-    model = model.to(dtype).to_empty(device=device)
     params = dict(model.named_parameters())
     todo = {name: set(range(p.shape[0])) if name.endswith(("experts.gate_proj", "experts.up_proj",
                                                            "experts.down_proj")) else None
@@ -193,7 +143,6 @@ def load_pretrained(path, dtype=None, device="cpu", mtp: bool = True, cfg: Model
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: missing weights for {shown}")
-    return model.eval()
 
 
 def _load_one(key: str, sf, f: Path, params, todo) -> None:

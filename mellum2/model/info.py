@@ -12,7 +12,7 @@ import json
 import torch
 
 from .accounting import count_params, flops_per_token, kv_bytes_per_token, kv_cache_bytes, param_table
-from .config import PRESETS, ConfigError, ModelConfig
+from .config import PRESETS, ModelConfig
 from .transformer import Mellum2
 
 
@@ -84,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", help="checkpoint directory (reads its config.json)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     a = ap.parse_args(argv)
-    try:
-        cfg = ModelConfig.from_preset(a.preset) if a.preset else ModelConfig.from_hf(a.model)
-    except (ConfigError, FileNotFoundError) as e:
-        ap.error(f"--model {a.model}: {e}")
+    cfg = ModelConfig.from_preset(a.preset) if a.preset else ModelConfig.from_hf(a.model)  # errors name the file
     r = report(cfg)
     if a.json:
         print(json.dumps(r))

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_attention
 from .config import ModelConfig
 
 
@@ -172,14 +171,15 @@ class AttnPlan:
         self.kind, self.mask, self.window, self.doc, self.block = kind, mask, window, doc, block
 
 
-def attend(q_BHTd, k_BGTd, v_BGTd, plan: AttnPlan | None):
+def attend(q_BHTd, k_BGTd, v_BGTd, plan: AttnPlan | None, kernel=None):
+    """Cache-free attention by the plan: SDPA (the reference), or an installed `kernel` (see
+    Attention) where it applies: kernel(q, k, v, causal mask or None, window) returns None where not."""
     gqa = q_BHTd.shape[1] != k_BGTd.shape[1]
-    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q_BHTd.dtype
-    if cpu_attention.wanted(q_BHTd, dt) and (plan is None or plan.kind in ("causal", "dense")):
-        # bf16 training on a CPU: SDPA's forward with a faster backward (model/cpu_attention.py)
-        q, k, v = (x.to(dt) for x in (q_BHTd, k_BGTd, v_BGTd))
+    if kernel is not None and (plan is None or plan.kind in ("causal", "dense")):
         mask, window = (plan.mask, plan.window) if plan is not None else (None, None)  # plan masks are causal
-        return cpu_attention.attention(q, k, v, mask, is_causal=True, window=window)
+        o_BHTd = kernel(q_BHTd, k_BGTd, v_BGTd, mask, window)
+        if o_BHTd is not None:
+            return o_BHTd
     if plan is None or plan.kind == "causal":
         return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=gqa)
     if plan.kind == "dense":
@@ -220,6 +220,10 @@ class Attention(nn.Module):
 
     With `cache` given (inference), the cache stores k/v and computes the attention itself
     (`cache.attend(layer_idx, q, k, v)`), so ring buffers and decode masks live in infer/, not here.
+
+    Two slots for fast paths, set by `mellum2.kernels.install` (as built: the reference paths):
+    `kernel`, a cache-free attention kernel tried before SDPA (kernels/cpu_attention.py), and
+    `fuse_qkv`, q, k and v from one matmul in training (`_qkv`).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, layer_type: str):
@@ -234,9 +238,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, D, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-
-    # training: q, k and v from one matmul on the concatenated weights (see _qkv)
-    fuse_qkv = True
+        self.kernel = None
+        self.fuse_qkv = False
 
     def _plain_projections(self) -> bool:
         # FP8 swaps in Float8Linear (train/fp8.py): those keep their own matmuls
@@ -265,5 +268,5 @@ class Attention(nn.Module):
         if cache is not None:
             o_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
         else:
-            o_BHTd = attend(q_BHTd, k_BGTd, v_BGTd, plan)
+            o_BHTd = attend(q_BHTd, k_BGTd, v_BGTd, plan, self.kernel)
         return self.o_proj(o_BHTd.transpose(1, 2).reshape(B, T, self.n_heads * d))

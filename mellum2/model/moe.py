@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_experts
 from .config import ModelConfig
 from .layers import compute_dtype
 
@@ -52,7 +51,8 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.impl = "grouped"  # or "loop" (the reference)
-        # the grouped matmul (x_SK, w_EKN, offs_E) -> y_SN; train/fp8.py swaps in an FP8 version
+        # the grouped matmul (x_SK, w_EKN, offs_E) -> y_SN: mellum2.kernels.install swaps in the CPU one
+        # (kernels/cpu_experts.py), train/fp8.py an FP8 version
         self.gmm = F.grouped_mm
         self.max_pad = 64  # see pad_of
 
@@ -114,8 +114,9 @@ class Experts(nn.Module):
 
 
 def _pads(gmm) -> bool:
-    """The grouped matmuls that run oneDNN per group, so pad_of's rounding keeps their shapes recurring."""
-    return gmm is F.grouped_mm or gmm is cpu_experts.grouped_mm
+    """The grouped matmuls that run oneDNN per group, so pad_of's rounding keeps their shapes recurring:
+    torch's, and those that say so (`per_group_gemms`, kernels/cpu_experts.py)."""
+    return gmm is F.grouped_mm or getattr(gmm, "per_group_gemms", False)
 
 
 class _Dispatch(torch.autograd.Function):

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MaskCache, RMSNorm
-from .transformer import DecoderLayer, packed_doc_ids
+from .decoder import DecoderLayer, packed_doc_ids
 
 
 class MTP(nn.Module):

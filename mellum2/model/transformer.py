@@ -9,44 +9,34 @@ for inference); matmuls follow torch.autocast when enabled; router logits/softma
 RMSNorm statistics, rotary tables and the LM logits are fp32.
 
 Losses (`forward(..., labels=...)`; labels are the input ids with -100 where no loss is wanted,
-shifted inside, as in transformers):
-  loss = CE + mtp_loss_weight * MTP-CE + router_aux_loss_coef * LB + router_z_loss_coef * Z
-  LB (Switch/Megatron load balancing) = E * sum_e f_e * P_e per MoE layer, f_e the share of routed
-     slots (sums to 1), P_e the mean router probability; 1.0 when perfectly balanced; averaged over
-     MoE layers (Megatron adds layers, so its coefficient is ours / n_layers). f_e is summed over the
-     global batch when `count_reducer` is set (an all-reduce installed from outside by the trainer).
-  Z (router z-loss, ST-MoE) = mean over tokens of logsumexp(router logits)^2, averaged over layers.
+shifted inside, as in transformers): the terms CE, MTP-CE, load balancing and router z-loss, and
+`out.loss`, their weighted sum, are defined in objective.py (the one objective the trainers use too).
+
+`load_pretrained` builds the model for a checkpoint's config on the meta device, allocates it once in
+the target dtype and fills it (hf.load_weights); `save_pretrained` writes the released layout (hf.py).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from . import hf
+from .config import ConfigError, ModelConfig
+from .decoder import DecoderLayer, packed_doc_ids
 from .head_loss import linear_ce
-from .layers import Attention, MaskCache, RMSNorm, Rotary, doc_ids_from_positions
-from .moe import DenseMLP, MoE, RouterOut, expert_counts
+from .layers import MaskCache, RMSNorm, Rotary
+from .moe import Experts, Router, RouterOut
+from .mtp import MTP
+from .objective import load_balance_loss, loss_weights, objective, router_losses, shifted_ce
 
-
-class DecoderLayer(nn.Module):
-    """Pre-norm: x + attn(norm(x)); x + mlp(norm(x))."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int, layer_type: str, mlp_type: str):
-        super().__init__()
-        self.layer_type = layer_type
-        self.self_attn = Attention(cfg, layer_idx, layer_type)
-        self.mlp = MoE(cfg) if mlp_type == "sparse" else DenseMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x_BTD, cos, sin, plan, cache=None):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, plan, cache)
-        y_BTD, router = self.mlp(self.post_attention_layernorm(x_BTD))
-        return x_BTD + y_BTD, router
+# DecoderLayer, packed_doc_ids (decoder.py), shifted_ce and load_balance_loss (objective.py) are
+# importable from here too, where they were defined before
+__all__ = ["Mellum2", "Output", "Trunk", "init_weights", "load_pretrained", "DecoderLayer", "packed_doc_ids",
+           "shifted_ce", "load_balance_loss"]
 
 
 class Trunk(nn.Module):
@@ -77,8 +67,6 @@ class Mellum2(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from .mtp import MTP  # mtp.py builds a DecoderLayer from this file
-
         self.cfg = cfg
         self.model = Trunk(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -144,18 +132,12 @@ class Mellum2(nn.Module):
         return linear_ce(norm(h_BTD), self.lm_head.weight, labels_BT, shift)
 
     def _losses(self, out: Output, labels_BT: torch.Tensor, h_BTD, hm_BTD) -> None:
-        cfg = self.cfg
         ce, n = self._ce(out.logits, self.model.norm, h_BTD, labels_BT, 1)
         losses = {"ce": ce}
-        total = ce
         if hm_BTD is not None:
             losses["mtp"], _ = self._ce(out.mtp_logits, self.mtp.norm, hm_BTD, labels_BT, 2)
-            total = total + cfg.mtp_loss_weight * losses["mtp"]
-        if out.routers:
-            losses["lb"] = load_balance_loss(out.routers, cfg.num_experts, self.count_reducer)
-            losses["z"] = torch.stack([torch.logsumexp(r.logits, -1).square().mean() for r in out.routers]).mean()
-            total = total + cfg.router_aux_loss_coef * losses["lb"] + cfg.router_z_loss_coef * losses["z"]
-        out.loss, out.losses, out.n_tokens = total, losses, n
+        losses.update(router_losses(out.routers, self.cfg.num_experts, self.count_reducer))
+        out.loss, out.losses, out.n_tokens = objective(losses, loss_weights(self.cfg)), losses, n
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, part: str = "trunk") -> int:
@@ -174,9 +156,7 @@ class Mellum2(nn.Module):
         return total
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None, dtype=None) -> None:
-        from .hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+        hf.save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
 
 def _in_part(name: str, part: str) -> bool:
@@ -190,34 +170,6 @@ def _in_part(name: str, part: str) -> bool:
     raise ValueError(f"part must be 'trunk', 'mtp' or 'all', got {part!r}")
 
 
-def packed_doc_ids(position_ids_BT):
-    """Document ids when a row packs several documents, else None (then no mask is needed)."""
-    doc = doc_ids_from_positions(position_ids_BT)
-    if doc is None or not bool((doc[:, -1] != 0).any()):
-        return None
-    return doc
-
-
-def shifted_ce(logits_BTV, labels_BT, shift: int):
-    """Mean CE of logits[:, t] against labels[:, t + shift] over labels != -100 (0 if none)."""
-    T_pred = labels_BT.shape[1] - shift
-    lg = logits_BTV[:, :T_pred].reshape(-1, logits_BTV.shape[-1]).float()
-    tgt = labels_BT[:, shift:shift + T_pred].reshape(-1)
-    n = (tgt != -100).sum()
-    loss_sum = F.cross_entropy(lg, tgt, ignore_index=-100, reduction="sum")
-    return loss_sum / n.clamp(min=1), n
-
-
-def load_balance_loss(routers: list[RouterOut], num_experts: int, count_reducer=None) -> torch.Tensor:
-    """Mean over MoE layers of E * sum_e f_e * P_e (see module docstring)."""
-    counts_LE = torch.stack([expert_counts(r.ids, num_experts) for r in routers]).float()
-    if count_reducer is not None:
-        counts_LE = count_reducer(counts_LE)
-    f_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
-    P_LE = torch.stack([r.probs.mean(0) for r in routers])
-    return (num_experts * (f_LE * P_LE).sum(-1)).mean()
-
-
 @torch.no_grad()
 def init_weights(model: Mellum2) -> None:
     """The one initialisation of every tensor (GPT-2/OLMo style, std = cfg.initializer_range = s):
@@ -226,8 +178,6 @@ def init_weights(model: Mellum2) -> None:
     - output projections (attention o_proj, dense and expert down_proj): N(0, (s / sqrt(2 L))^2),
       L = decoder layers incl. MTP, so the residual stream's variance does not grow with depth
     - RMSNorm weights: 1; rotary tables recomputed."""
-    from .moe import Experts, Router
-
     cfg = model.cfg
     s = cfg.initializer_range
     s_out = s / math.sqrt(2 * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
@@ -242,3 +192,25 @@ def init_weights(model: Mellum2) -> None:
             is_out = name.endswith("o_proj") or name.endswith("down_proj")
             m.weight.normal_(0.0, s_out if is_out else s)
     model.rotary.reset()
+
+
+def load_pretrained(path, dtype=None, device="cpu", mtp: bool = True, cfg: ModelConfig | None = None) -> Mellum2:
+    """Load a Mellum checkpoint directory. dtype: torch dtype or name; default the checkpoint's
+    `dtype` (float32 if absent). `mtp=False` ignores MTP weights and builds no head. `cfg`: build the
+    model for this config instead of the checkpoint's (same tensors, e.g. its context extended with
+    `cfg.extend_context`); the weights are loaded once, straight into that model."""
+    path = Path(path)
+    cfg = cfg or ModelConfig.from_hf(path)
+    if isinstance(dtype, str):
+        if dtype not in hf.DTYPES:
+            raise ConfigError(f"dtype {dtype!r} not one of {list(hf.DTYPES)}")
+        dtype = hf.DTYPES[dtype]
+    dtype = dtype or hf.DTYPES.get(cfg.extra.get("dtype"), torch.float32)
+    if not mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    hf.weight_files(path)  # a missing or truncated file fails before anything is allocated
+    with torch.device("meta"):
+        model = Mellum2(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    hf.load_weights(model, path, mtp=mtp)
+    return model.eval()

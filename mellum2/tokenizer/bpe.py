@@ -1,6 +1,6 @@
 """Train Mellum 2's byte-level BPE with Hugging Face `tokenizers`.
 
-What the report fixes (mellum2-facts.md §2): byte-level BPE, digits split individually before BPE,
+What the report fixes (docs/mellum2.md §2): byte-level BPE, digits split individually before BPE,
 a 98,304 vocabulary with the special tokens of `special.py`. What we chose where it is silent:
 
 - Pre-tokenisation is the GPT-4 (cl100k) split with `\\p{N}{1,3}` narrowed to `\\p{N}`, so every digit

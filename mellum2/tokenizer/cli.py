@@ -18,6 +18,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from mellum2.data.dedup import content_key
+from mellum2.data.sources import iter_source
+from mellum2.errors import UsageError, run_stage
+
 from .bpe import MIN_VOCAB, bytes_per_token, train_bpe
 from .special import SPECIAL_TOKENS
 from .tokenizer import Tokenizer, TokenizerError
@@ -68,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args) -> int:
-    from ..data.dedup import content_key
-    from ..data.sources import SourceError, iter_source
     held: dict[str, list[str]] = defaultdict(list)
     used, n_docs = Counter(), Counter()
     cap = args.max_mb * (1 << 20)
@@ -88,22 +90,15 @@ def train(args) -> int:
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # checked before training, which can take minutes
-        print(f"mellum2 tokenizer train: --out {out}: exists and is not a directory", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {out}: exists and is not a directory")
     t0 = time.time()
-    try:
+    try:  # a bad source is a SourceError naming it
         tok = train_bpe(texts(), args.vocab_size, args.min_frequency, show_progress=not args.no_progress)
-    except SourceError as e:
-        print(f"mellum2 tokenizer train: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"mellum2 tokenizer train: {e} (inputs: {args.input})", file=sys.stderr)
-        return 2
-    try:
-        tok.save(args.out)
-    except OSError as e:
-        print(f"mellum2 tokenizer train: --out {out}: cannot write the tokenizer ({e.strerror or e})", file=sys.stderr)
-        return 2
+    except TokenizerError:
+        raise
+    except ValueError as e:  # e.g. no text to train on
+        raise TokenizerError(f"{e} (inputs: {args.input})") from None
+    tok.save(args.out)  # atomic writes: a failure is a DiskError naming the file
     print(f"trained {tok.vocab_size} entries on {sum(used.values()) / 1e6:.1f} MB "
           f"({dict(n_docs)} documents) in {time.time() - t0:.1f} s -> {args.out}")
     for dom, texts_ in sorted(held.items()):
@@ -116,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "train":
         return train(args)
-    try:
-        tok = Tokenizer.load(args.dir)
-    except TokenizerError as e:
-        print(f"mellum2 tokenizer {args.cmd}: {e}", file=sys.stderr)
-        return 2
+    tok = Tokenizer.load(args.dir)
     if args.cmd == "info":
         print(f"{tok.source}: vocab_size {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}")
         for t in SPECIAL_TOKENS:
@@ -132,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "decode":
         try:
             print(tok.decode(args.ids))
-        except ValueError as e:
-            print(f"mellum2 tokenizer decode: {e}", file=sys.stderr)
-            return 2
+        except ValueError as e:  # ids outside the vocabulary
+            raise UsageError(str(e)) from None
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("tokenizer", main))

@@ -1,6 +1,6 @@
 """Mellum 2's special tokens: one fixed table of (id, string, special flag) for ids 0..32.
 
-The released Mellum 2 tokenizer pins only a few ids publicly (mellum2-facts.md §2): bos 0,
+The released Mellum 2 tokenizer pins only a few ids publicly (docs/mellum2.md §2): bos 0,
 `<think>` 23, `</think>` 24, `<|im_start|>` 27, `<|im_end|>` 28 (the eos), `<tool_call>` 29,
 `</tool_call>` 30, `<tool_response>` 31, `</tool_response>` 32. The rest of the low ids are our
 decision: ids 0-18 follow StarCoder's layout (whose spellings Mellum uses for FIM), so `<|endoftext|>`

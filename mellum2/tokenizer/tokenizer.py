@@ -21,7 +21,9 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from mellum2 import atomic
 from mellum2.chat.template import TEMPLATE as CHAT_TEMPLATE
+from mellum2.errors import MellumError
 
 from .special import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, special_ids
 
@@ -31,7 +33,7 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # what transformers >= 4.43 reads fi
 _IDS = special_ids()
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MellumError, ValueError):
     """A missing or malformed tokenizer directory/file; the message names the path and what is wrong."""
 
 
@@ -88,9 +90,9 @@ class Tokenizer:
         config's `chat_template` key for readers that only know that place."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / TOKENIZER_FILE, self.hf.to_str(pretty=True))
-        _atomic_write(path / CHAT_TEMPLATE_FILE, CHAT_TEMPLATE)
-        _atomic_write(path / CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False))
+        atomic.write_text(path / TOKENIZER_FILE, self.hf.to_str(pretty=True))
+        atomic.write_text(path / CHAT_TEMPLATE_FILE, CHAT_TEMPLATE)
+        atomic.write_text(path / CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False))
         return path
 
     def hf_config(self) -> dict:
@@ -154,8 +156,3 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -8,24 +8,26 @@ Layout of `OUT/checkpoints/step_00000120/` (the number counts finished optimiser
                     decide the trajectory (checked on resume)
   meta.json         written last: step, tokens and the size of every file above
 
-Atomicity: everything is written into a hidden sibling `.step_00000120.tmp-XXXX`, fsynced, and renamed
-into place; only names matching `step_\\d{8}` are ever read, so a run killed mid-write leaves a
-hidden directory that is never picked up (and is removed by the next save). A directory that looks
-finished but fails validation (a file missing or of the wrong size) is an error naming the file,
-never silently skipped: resuming from an older one would later overwrite the newer steps.
+Atomicity: everything is written into a hidden sibling `.step_00000120.tmp`, fsynced, and renamed
+into place (`mellum2.atomic.atomic_dir`); only names matching `step_\\d{8}` are ever read, so a run
+killed mid-write leaves a hidden directory that is never picked up (and is removed by the next
+save). A directory that looks finished but fails validation (a file missing or of the wrong size) is
+an error naming the file, never silently skipped: resuming from an older one would later overwrite
+the newer steps.
 
 Under FSDP, rank 0 writes what `parallel.full_model_state` / `full_optim_state` gathered.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from mellum2.atomic import atomic_dir
+from mellum2.model import Mellum2, load_pretrained
 
 from .errors import TrainError
 
@@ -81,45 +83,23 @@ def latest(out_dir: Path) -> Path | None:
     return found[-1][1]
 
 
-def _fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(out_dir: Path, step: int, tokens: int, *, cfg, model_state: dict[str, torch.Tensor], train_state: dict,
          keep: int) -> Path:
     """Write one checkpoint atomically (call on rank 0 only) and prune to the newest `keep`."""
-    from mellum2.model import Mellum2
-    from mellum2.model.hf import _replace_dir
-
     root = checkpoints_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step_*.tmp-*"):  # left by a killed run; never a finished checkpoint
+    for stale in root.glob(".step_*"):  # left by a killed run; never a finished checkpoint
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         with torch.device("meta"):
             shell = Mellum2(cfg)
         shell.load_state_dict(model_state, assign=True, strict=True)
         shell.save_pretrained(tmp / "model", dtype=torch.float32)
         torch.save(train_state, tmp / "train_state.pt")
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        for rel in files:
-            _fsync_path(tmp / rel)
         meta = {"format": FORMAT, "step": step, "tokens": tokens, "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        _fsync_path(tmp / "meta.json")
-        _fsync_path(tmp / "model")
-        _fsync_path(tmp)
-        _replace_dir(tmp, final)
-        _fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -137,13 +117,9 @@ def load_train_state(path: Path) -> dict:
 
 
 def load_model(path: Path):
-    """The fp32 model of a checkpoint, in training mode."""
-    from mellum2.model import CheckpointError, ConfigError, load_pretrained
-
-    try:
-        return load_pretrained(path / "model", dtype=torch.float32).train()
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
-        raise TrainError(f"{path / 'model'}: {e}") from None
+    """The fp32 model of a checkpoint, in training mode (a damaged one raises CheckpointError or
+    ConfigError naming the file)."""
+    return load_pretrained(path / "model", dtype=torch.float32).train()
 
 
 def check_compatible(saved: dict, now: dict, path: Path) -> None:

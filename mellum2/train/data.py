@@ -1,7 +1,7 @@
 """Where the trainer's batches come from: the real curriculum loader (mellum2.data.loader.Loader) or
 `SyntheticLoader`, a documented test utility with the same interface.
 
-The interface the trainer relies on (the data pipeline's planned API):
+The interface the trainer relies on (mellum2.data.loader.Loader's):
   Loader(data_dir, batch_size, seq_len, total_tokens, rank=0, world_size=1, seed=0, phases=None,
          fim_rates=None); iterating yields dicts of int64 [B, T] tensors `input_ids`, `labels`
   (-100 = no loss) and `position_ids` (restarting at 0 where a packed document starts);
@@ -22,17 +22,15 @@ from pathlib import Path
 
 import torch
 
+from mellum2.data import ensure_default_data
+from mellum2.data.curriculum import phase_boundaries, resolve_phases
+from mellum2.data.loader import Loader
+from mellum2.data.longctx import LongContextLoader
+from mellum2.errors import MellumError
+
 from .errors import TrainError
 
-DEFAULT_PHASES = (0.58, 0.26, 0.16)  # Mellum 2's token split (6.18T / 2.79T / 1.69T)
 _SUCC_P = ((0.55, 0.25, 0.12, 0.08), (0.7, 0.2, 0.07, 0.03), (0.85, 0.1, 0.04, 0.01))  # per phase
-
-
-def phase_boundaries(total_tokens: int, phases=None) -> list[int]:
-    f = list(phases or DEFAULT_PHASES)
-    if len(f) != 3 or any(x < 0 for x in f) or abs(sum(f) - 1) > 1e-6:
-        raise ValueError(f"phases: expected three non-negative fractions summing to 1, got {f}")
-    return [round(f[0] * total_tokens), round((f[0] + f[1]) * total_tokens), total_tokens]
 
 
 class SyntheticLoader:
@@ -46,6 +44,9 @@ class SyntheticLoader:
                              f"got {batch_size}, {seq_len}, {vocab_size}")
         self.batch_size, self.seq_len, self.total_tokens = batch_size, seq_len, total_tokens
         self.rank, self.world_size, self.seed, self.vocab_size = rank, world_size, seed, vocab_size
+        phases = resolve_phases(phases)  # the curriculum's phases (data/curriculum.py), three of them
+        if len(phases) != 3:
+            raise ValueError(f"SyntheticLoader: expected three phases, got {len(phases)}")
         self.phase_boundaries = phase_boundaries(total_tokens, phases)
         rng = random.Random(1234)  # the "language" is fixed; the seed only picks the samples
         self.succ = [[rng.randrange(4, vocab_size) for _ in range(4)] for _ in range(vocab_size)]
@@ -107,14 +108,7 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
                   world_size=world_size, seed=seed)
     if data == "synthetic":
         return SyntheticLoader(None, vocab_size=vocab_size, **common), None
-    try:
-        from mellum2.data.loader import Loader
-    except ImportError as e:
-        raise TrainError(f"the data pipeline (mellum2.data.loader) is not available ({e}); "
-                         f"pass --data synthetic to train on the built-in synthetic corpus") from None
     if data is None:
-        from mellum2.data import ensure_default_data
-
         data_dir = Path(ensure_default_data(progress=rank == 0))
     else:
         data_dir = Path(data)
@@ -122,19 +116,14 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
             raise TrainError(f"--data {data}: no such directory (expected a prepared data "
                              f"directory from `mellum2 data`, or 'synthetic')")
     if long_context is not None:
-        from mellum2.data.longctx import LongContextLoader
-
         try:
             loader = LongContextLoader(data_dir, **common, **long_context)
+        except MellumError:
+            raise
         except ValueError as e:
             raise TrainError(f"long-context data: {e}") from None
-    else:
-        from mellum2.data.shards import ShardError
-
-        try:
-            loader = Loader(data_dir, **common)
-        except ShardError as e:  # missing index, truncated or corrupt shard: name the file, no traceback
-            raise TrainError(f"--data {data_dir}: {e}") from None
+    else:  # a missing index, a truncated or corrupt shard: ShardError, naming the file
+        loader = Loader(data_dir, **common)
     n = getattr(getattr(loader, "store", None), "vocab_size", None)
     if n is not None and n > vocab_size:
         raise TrainError(f"{data_dir}: its tokenizer has {n} tokens but the model's vocab_size is {vocab_size} "

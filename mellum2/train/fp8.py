@@ -1,7 +1,7 @@
 """FP8 hybrid precision: tensorwise-scaled FP8 matmuls for the attention projections and the experts.
 
 Mellum 2 trains in BF16 with an FP8 hybrid recipe: tensorwise scaling from the most recent amax
-(docs/mellum2-facts.md §3). "Hybrid" is the Transformer-Engine / torchao name for e4m3 in the
+(docs/mellum2.md §3). "Hybrid" is the Transformer-Engine / torchao name for e4m3 in the
 forward pass (more mantissa) and e5m2 for gradients (more range). Here:
 
 - which matmuls: q/k/v/o projections of every attention layer (trunk and MTP) and the three expert
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import compute_dtype
+from ..model.layers import Attention, compute_dtype
+from ..model.moe import Experts
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -201,9 +202,6 @@ class Float8GroupedMM:
 def convert_to_fp8(model: nn.Module, backend: str = "auto") -> dict[str, int]:
     """Swap the attention projections and expert matmuls of a Mellum2 to FP8, in place.
     Returns how many of each were converted (the caller logs it)."""
-    from mellum2.model.layers import Attention
-    from mellum2.model.moe import Experts
-
     n = {"linears": 0, "experts": 0}
     for m in model.modules():
         if isinstance(m, Attention):

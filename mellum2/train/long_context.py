@@ -17,41 +17,28 @@ from pathlib import Path
 
 import torch
 
+from mellum2.model import ModelConfig, load_pretrained, resolve_model_dir
+
 from .errors import TrainError
 
 ROPE_LAYERS = {"full": ("full_attention",), "all": ("full_attention", "sliding_attention"), "none": ()}
 
 
 def source_dir(path: str) -> Path:
-    from mellum2.model import resolve_model_dir
-
-    try:
-        return resolve_model_dir(path)
-    except FileNotFoundError as e:
-        raise TrainError(f"--from {e}") from None
+    return resolve_model_dir(path, "--from")
 
 
 def extended_config(src: Path, factor: float, rope_layers: str, original: int | None):
     """The source checkpoint's config with its context extended `factor` times."""
-    from mellum2.model import ConfigError, ModelConfig
-
-    try:
-        cfg = ModelConfig.from_hf(src)
-        if original is not None:
-            if original < 16:
-                raise ConfigError(f"--original-context must be >= 16 (got {original})")
-            cfg = cfg.replace(max_position_embeddings=original)
-        layers = tuple(lt for lt in ROPE_LAYERS[rope_layers] if lt in set(cfg.layer_types))
-        return cfg.extend_context(factor, layers)
-    except ConfigError as e:
-        raise TrainError(f"--from {src}: {e}") from None
+    if original is not None and original < 16:
+        raise TrainError(f"--original-context must be >= 16 (got {original})")
+    cfg = ModelConfig.from_hf(src)
+    if original is not None:
+        cfg = cfg.replace(max_position_embeddings=original)
+    layers = tuple(lt for lt in ROPE_LAYERS[rope_layers] if lt in set(cfg.layer_types))
+    return cfg.extend_context(factor, layers)
 
 
 def load_extended(src: Path, cfg):
     """The source's weights (MTP head included), loaded once into a model built for `cfg`."""
-    from mellum2.model import CheckpointError, ConfigError, load_pretrained
-
-    try:
-        return load_pretrained(src, dtype=torch.float32, cfg=cfg).train()
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
-        raise TrainError(f"--from {src}: {e}") from None
+    return load_pretrained(src, dtype=torch.float32, cfg=cfg).train()

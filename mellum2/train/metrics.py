@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from mellum2 import atomic
 
 
 def expert_load(counts_LE: torch.Tensor) -> dict[str, list[float]]:
@@ -59,9 +61,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a torn last line from a killed run
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(x + "\n" for x in keep))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -89,15 +89,10 @@ class MetricsLogger:
         truncate_jsonl(self.path, start_step)
         self.f = open(self.path, "a")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard, protobuf): only when used
 
-                self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1)
-            except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
-                self.tb = None
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1)
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             mininterval=1.0)
 
@@ -158,7 +153,7 @@ def summarize(records: list[dict], boundaries_steps: list[int], tail: int = 10) 
 
 def plot_losses(metrics_path: Path, png_path: Path, boundaries_steps: list[int]) -> None:
     """Loss, CE and MTP CE against steps, phase boundaries as vertical lines; LR on a second axis."""
-    import matplotlib
+    import matplotlib  # heavy, and only for the picture at the end of a run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -182,7 +177,6 @@ def plot_losses(metrics_path: Path, png_path: Path, boundaries_steps: list[int])
     ax2.plot(steps, [r["lr"] for r in recs], color="tab:red", alpha=0.4, linewidth=1)
     ax2.set_ylabel("lr", color="tab:red")
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic.atomic_path(png_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, png_path)

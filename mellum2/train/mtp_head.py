@@ -2,7 +2,7 @@
 
     mellum2 train-mtp --model runs/tiny [--steps 300] [--source data|self] [--target trunk|tokens] [--out DIR]
 
-The released Mellum 2 weights have no MTP head (docs/mellum2-facts.md §1), so they cannot draft for
+The released Mellum 2 weights have no MTP head (docs/mellum2.md §1), so they cannot draft for
 speculative decoding. This freezes the trunk (embedding, layers, final norm, LM head: the head shares
 the embedding and LM head, which stay frozen too), adds a freshly initialised head in our layout
 (model/mtp.py) when the checkpoint has none (or `--reinit`), and trains only `mtp.*`:
@@ -18,9 +18,11 @@ the embedding and LM head, which stay frozen too), adds a freshly initialised he
 The trunk runs under no_grad (no activations kept for it), so a step costs about one trunk forward
 plus the head's forward and backward. Acceptance of greedy MTP speculation is measured before and
 after on held-out code (Python files of the installed site-packages, which the embedded corpus
-excludes) and written to `mtp_head.json`. The checkpoint with the head is saved atomically (a
-temporary sibling renamed into place; files other than the weights, e.g. a tokenizer, are carried
-over). Like DeepSeek-V3's and Qwen3-Next's MTP modules, the head sees h_t and the embedding of x_{t+1}.
+excludes) and written to `mtp_head.json`. The checkpoint with the head is saved atomically
+(`mellum2.atomic.atomic_dir`: a temporary sibling renamed into place; files other than the weights,
+e.g. a tokenizer, are carried over). Like DeepSeek-V3's and Qwen3-Next's MTP modules, the head sees
+h_t and the embedding of x_{t+1}. The head trains with the CPU training attention and fused q/k/v
+(`mellum2.kernels.install`; its experts keep torch's grouped_mm).
 """
 from __future__ import annotations
 
@@ -31,26 +33,38 @@ import math
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mellum2.model import CheckpointError, ConfigError, Mellum2, load_pretrained
-from mellum2.model.hf import _replace_dir
+from mellum2 import kernels
+from mellum2.atomic import atomic_dir
+from mellum2.data import ensure_default_data
+from mellum2.data.shards import ShardStore
+from mellum2.data.sources import DOMAINS
+from mellum2.errors import MellumError, run_stage
+from mellum2.infer.engine import Engine
+from mellum2.infer.sampling import SamplingParams
+from mellum2.locate import DRAFT_VOCAB_FILE, resolve_model_dir, tokenizer_dir
+from mellum2.model import Mellum2, load_pretrained
 from mellum2.model.mtp import MTP
-from mellum2.model.transformer import init_weights, load_balance_loss
+from mellum2.model.objective import loss_weights, objective, router_losses
+from mellum2.model.transformer import init_weights
+from mellum2.tokenizer import Tokenizer
+from mellum2.tokenizer.special import NUM_SPECIAL
+
+from .data import make_loader
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
-DRAFT_VOCAB_FILE = "draft_vocab.json"  # read by mellum2.infer.cli.load_draft_vocab
 
 
-class TrainMTPError(Exception):
-    pass
+class TrainMTPError(MellumError):
+    """Bad arguments or data for the MTP-head trainer; the message names which."""
 
 
 # ---------------------------------------------------------------------------- model
@@ -104,21 +118,14 @@ def mtp_loss(model: Mellum2, ids_BT, labels_BT, pos_BT=None, target: str = "trun
         main = (kl * mask_BT).sum() / mask_BT.sum().clamp(min=1)
     else:
         main = F.cross_entropy(q.reshape(-1, q.shape[-1]), labels_BT[:, 2:].reshape(-1), ignore_index=-100)
-    cfg = model.cfg
-    losses = {"mtp": main}
-    total = main
-    if routers:
-        losses["lb"] = load_balance_loss(routers, cfg.num_experts)
-        losses["z"] = torch.stack([torch.logsumexp(r.logits, -1).square().mean() for r in routers]).mean()
-        total = total + cfg.router_aux_loss_coef * losses["lb"] + cfg.router_z_loss_coef * losses["z"]
-    return total, losses
+    losses = {"mtp": main, **router_losses(routers, model.cfg.num_experts)}
+    # the head's own loss has weight 1 here (in joint pre-training it is mtp_loss_weight next to the CE)
+    return objective(losses, {**loss_weights(model.cfg), "mtp": 1}), losses
 
 
 # ---------------------------------------------------------------------------- data
 def data_batches(data: str | None, vocab_size: int, batch_size: int, seq_len: int, steps: int, seed: int):
     """Loader rows (the trainer's make_loader: a prepared directory, 'synthetic', or the default)."""
-    from .data import make_loader
-
     loader, _ = make_loader(data, vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len,
                             total_tokens=batch_size * seq_len * (steps + 1), rank=0, world_size=1, seed=seed)
     return iter(loader)
@@ -126,9 +133,6 @@ def data_batches(data: str | None, vocab_size: int, batch_size: int, seq_len: in
 
 def self_batches(model: Mellum2, batches, prompt_len: int, seq_len: int, seed: int):
     """The trunk's own continuations (temperature 1) of the first prompt_len tokens of each row."""
-    from mellum2.infer.engine import Engine
-    from mellum2.infer.sampling import SamplingParams
-
     eng = Engine(model)
     for i, b in enumerate(batches):
         prompts = b["input_ids"][:, :prompt_len].tolist()
@@ -142,11 +146,6 @@ def self_batches(model: Mellum2, batches, prompt_len: int, seq_len: int, seed: i
 def draft_vocab_from_data(data_dir, n: int) -> list[int]:
     """The n most frequent token ids of a prepared data directory (all domains), special ids first:
     the draft vocabulary of FR-Spec-style trimmed drafting (forward.Fast.set_draft_vocab)."""
-    import numpy as np
-
-    from mellum2.data.shards import ShardStore
-    from mellum2.data.sources import DOMAINS
-
     store = ShardStore(data_dir)
     counts = None
     for d in DOMAINS:
@@ -156,8 +155,8 @@ def draft_vocab_from_data(data_dir, n: int) -> list[int]:
                 np.pad(c, (0, max(0, len(counts) - len(c))))
     if counts is None:
         raise TrainMTPError(f"{data_dir}: no tokens to count for a draft vocabulary")
-    special = list(range(33))  # mellum2.tokenizer.special: ids 0..32
-    rest = [int(t) for t in np.argsort(-counts, kind="stable") if t >= 33]
+    special = list(range(NUM_SPECIAL))  # mellum2.tokenizer.special: ids 0..32
+    rest = [int(t) for t in np.argsort(-counts, kind="stable") if t >= NUM_SPECIAL]
     return (special + rest)[:n]
 
 
@@ -186,9 +185,6 @@ def heldout_code_prompts(tokenizer, n: int = 16, prompt_tokens: int = 64, seed: 
 
 def measure_acceptance(model: Mellum2, prompts: list[list[int]], max_new_tokens: int = 64, draft_tokens: int = 1):
     """Acceptance and mean accepted length of greedy MTP speculation over the prompts (one batch)."""
-    from mellum2.infer.engine import Engine
-    from mellum2.infer.sampling import SamplingParams
-
     res = Engine(model).generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
                                  speculative=True, draft_tokens=draft_tokens)
     s = res[0].stats
@@ -200,6 +196,7 @@ def train_head(model: Mellum2, batches, steps: int, lr: float = 1e-3, warmup: in
                precision: str = "bf16", log_every: int = 25, say=print) -> list[dict]:
     """Train mtp.* for `steps` batches (AdamW, linear warmup, cosine decay to 10%); returns the log."""
     params = freeze_trunk(model)
+    kernels.install(model, experts=False)
     model.train()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     def sched(s):
@@ -234,18 +231,16 @@ def train_head(model: Mellum2, batches, steps: int, lr: float = 1e-3, warmup: in
 def save_with_head(model: Mellum2, src: Path, out: Path, extra: dict[str, str] | None = None) -> None:
     """Atomically write the checkpoint (fp32, as loaded) with `extra` files (name -> text); carry over
     the source directory's other files (a tokenizer, notes)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mtp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "ckpt")
         for f in src.iterdir():
             if f.name not in WEIGHT_FILES and not f.name.startswith("model-") and f.name not in (extra or {}):
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / "ckpt" / f.name)
         for name, text in (extra or {}).items():
             (tmp / "ckpt" / name).write_text(text)
-        _replace_dir(tmp / "ckpt", out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for f in (tmp / "ckpt").iterdir():  # the checkpoint is the directory itself, not a ckpt/ in it
+            f.rename(tmp / f.name)
+        (tmp / "ckpt").rmdir()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,17 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from mellum2.infer.cli import CliError, resolve_model_dir, resolve_tokenizer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("steps", "batch_size", "seq_len", "log_every"):
         if getattr(args, name) < 1:
             raise TrainMTPError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    try:
-        src = resolve_model_dir(args.model)
-    except CliError as e:
-        raise TrainMTPError(str(e)) from None
+    src = resolve_model_dir(args.model, "--model")
     out = Path(args.out) if args.out else src
     model = load_pretrained(src, dtype=torch.float32)
     if args.seq_len > model.cfg.max_position_embeddings or (args.source == "self" and args.prompt_len >= args.seq_len):
@@ -301,9 +291,9 @@ def run(args) -> dict:
     prompts = None
     if args.eval_prompts:
         try:
-            tok = resolve_tokenizer(None, src)
+            tok = Tokenizer.load(tokenizer_dir(src))
             prompts = heldout_code_prompts(tok, args.eval_prompts)
-        except (CliError, TrainMTPError) as e:
+        except MellumError as e:
             print(f"note: no held-out acceptance figure ({e})")
     before = measure_acceptance(model, prompts) if prompts else None
     if before:
@@ -321,8 +311,6 @@ def run(args) -> dict:
     extra = {"mtp_head.json": json.dumps(summary, indent=1, default=str) + "\n"}
     n_vocab = model.cfg.vocab_size // 8 if args.draft_vocab < 0 else args.draft_vocab
     if n_vocab and args.data != "synthetic":
-        from mellum2.data import ensure_default_data
-
         ids = draft_vocab_from_data(args.data or ensure_default_data(progress=False), n_vocab)
         extra[DRAFT_VOCAB_FILE] = json.dumps({"ids": ids, "source": str(args.data or "default data")}) + "\n"
     save_with_head(model, src, out, extra)
@@ -331,14 +319,9 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-        return 0
-    except (TrainMTPError, CheckpointError, ConfigError, OSError, ValueError) as e:
-        print(f"mellum2 train-mtp: error: {e}", file=sys.stderr)
-        return 1
+    run(build_parser().parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("train-mtp", main))

@@ -7,7 +7,7 @@ five quintic Newton-Schulz steps in bf16 with coefficients (3.4445, -4.7750, 2.0
 normalising by the Frobenius norm, decoupled weight decay `p <- p (1 - lr wd)`, then
 `p <- p - lr_adj O`. With `adjust_lr_fn="match_rms_adamw"` (what pre-training uses) lr_adj is
 Moonlight's `0.2 sqrt(max(rows, cols)) lr`, which gives the update the RMS of an AdamW update so one
-learning rate serves both optimisers (Mellum 2 report, §3 of docs/mellum2-facts.md).
+learning rate serves both optimisers (Mellum 2 report, §3 of docs/mellum2.md).
 
 What is added over torch's:
 - 3-D parameters [E, rows, cols] are E independent matrices (MoE experts): one batched Newton-Schulz
@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..model.compiled import CompiledOrEager
+from ..kernels.compiled import CompiledOrEager
 
 try:  # DTensor exists in every torch we support; guarded so a stripped build still imports
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor

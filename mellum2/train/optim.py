@@ -1,6 +1,6 @@
 """Which parameter gets which optimiser, and the pair of optimisers used as one.
 
-Mellum 2 (docs/mellum2-facts.md §3): Muon with Moonlight's update scale for the hidden matrices,
+Mellum 2 (docs/mellum2.md §3): Muon with Moonlight's update scale for the hidden matrices,
 Adam(0.9, 0.95, eps 1e-8) for embeddings and output. Our split:
 
   Muon  (lr, wd 0.1):          attention q/k/v/o, expert gate/up/down stacks (each expert its own
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.compiled import CompiledOrEager
+from ..kernels.compiled import CompiledOrEager
 from .muon import Muon
 
 # name fragments that are removed by wrappers we might see (compile, checkpoint wrappers)

@@ -1,10 +1,13 @@
 """Process group set-up and `parallelize()`: everything that turns the single-device model into the
 trained one, applied from outside in one fixed order (torchtitan's): FP8 -> activation
-checkpointing -> torch.compile -> FSDP2.
+checkpointing -> fast paths -> torch.compile -> FSDP2.
+
+torch.distributed's submodules (FSDP, composable checkpointing, functional collectives, the state-dict
+API, DeviceMesh) are imported where they are used: a torch build may lack torch.distributed.
 
 - FP8 (train/fp8.py) first, so the later wrappers see the converted modules.
-- On a CPU, the experts' grouped matmul becomes model/cpu_experts.py's (parallel over experts,
-  bit-equal to torch's grouped_mm, 2-4% of a `tiny` step) where its C++ extension builds.
+- The fast paths of mellum2/kernels (`kernels.install`: the bf16 CPU training attention, one q/k/v
+  matmul, on a CPU the experts' grouped matmul parallel over experts where its C++ extension builds).
 - Activation checkpointing per decoder layer (trunk and MTP), via torch's composable `checkpoint`,
   which installs hooks instead of a wrapper, so parameter names (= checkpoint keys) do not change.
 - torch.compile per decoder layer (`module.compile()`, again name-preserving) and of the shifted
@@ -35,10 +38,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from mellum2.model.transformer import shifted_ce
+from mellum2 import kernels
+from mellum2.model.moe import Experts
+from mellum2.model.objective import shifted_ce
+
+from .fp8 import convert_to_fp8
 
 
 @dataclass
@@ -85,42 +91,23 @@ def decoder_layers(model) -> list[nn.Module]:
     return layers
 
 
-def _cpu_experts(model: nn.Module) -> bool:
-    """Give the experts the CPU grouped matmul that is parallel over experts (model/cpu_experts.py;
-    2-4% of a `tiny` CPU step) where they use torch's grouped_mm (not FP8's). False, keeping
-    grouped_mm, where the C++ extension cannot be built."""
-    from mellum2.model import cpu_experts
-    from mellum2.model.moe import Experts
-
-    experts = [m for m in model.modules() if isinstance(m, Experts) and m.gmm is F.grouped_mm]
-    if not experts or not cpu_experts.load():
-        return False
-    for m in experts:
-        m.gmm = cpu_experts.grouped_mm
-    return True
-
-
 def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto", ac: bool = False,
                 compile: bool = False, precision: str = "bf16") -> dict:
-    """Apply FP8, activation checkpointing, compile and (when d.world > 1) FSDP2, in that order.
+    """Apply FP8, activation checkpointing, the fast paths (mellum2.kernels.install), compile and
+    (when d.world > 1) FSDP2, in that order.
     Build optimisers only after this (FSDP replaces the parameters). Returns what was applied."""
     applied: dict = {}
     if fp8:
-        from .fp8 import convert_to_fp8
-
         applied["fp8"] = convert_to_fp8(model, fp8_backend)
     if ac:
-        from torch.distributed._composable import checkpoint
+        from torch.distributed._composable import checkpoint  # torch.distributed: see the module docstring
 
         for layer in decoder_layers(model):
             checkpoint(layer)
         applied["ac"] = len(decoder_layers(model))
-    if any(p.device.type == "cpu" for p in model.parameters()):
-        applied["cpu_experts"] = _cpu_experts(model)
+    applied.update(kernels.install(model))
     if compile:
         if precision != "bf16":
-            from mellum2.model.moe import Experts
-
             for m in model.modules():
                 if isinstance(m, Experts):
                     m.gmm = torch.compiler.disable(m.gmm)
@@ -131,7 +118,7 @@ def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto",
         model.ce = torch.compile(shifted_ce, dynamic=False)
         applied["compile"] = len(decoder_layers(model))
     if d.enabled:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # torch.distributed: see the module docstring
 
         for layer in decoder_layers(model):
             fully_shard(layer)
@@ -150,7 +137,7 @@ class CountTap:
 
     def __call__(self, counts_LE: torch.Tensor) -> torch.Tensor:
         if self.d.enabled:
-            from torch.distributed._functional_collectives import all_reduce, wait_tensor
+            from torch.distributed._functional_collectives import all_reduce, wait_tensor  # see the docstring
 
             counts_LE = wait_tensor(all_reduce(counts_LE, "sum", dist.group.WORLD))
         c = counts_LE.detach()
@@ -197,7 +184,7 @@ def barrier(d: Dist) -> None:
 
 # ---------------------------------------------------------------------------- state dicts
 def _options(d: Dist, **kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions  # torch.distributed (docstring)
 
     # one process: the state is already whole (and full_state_dict would ask for a process group)
     return StateDictOptions(full_state_dict=d.enabled, cpu_offload=d.enabled, **kw)
@@ -205,19 +192,19 @@ def _options(d: Dist, **kw):
 
 def full_model_state(model, d: Dist) -> dict[str, torch.Tensor]:
     """Unsharded model state dict (whole on rank 0 under FSDP; other ranks get an empty dict)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict  # torch.distributed (docstring)
 
     return get_model_state_dict(model, options=_options(d))
 
 
 def full_optim_state(model, optims, d: Dist) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict  # torch.distributed (docstring)
 
     return get_optimizer_state_dict(model, optims, options=_options(d))
 
 
 def load_optim_state(model, optims, state: dict, d: Dist) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # torch.distributed (docstring)
 
     set_optimizer_state_dict(model, optims, state, options=_options(d))
 

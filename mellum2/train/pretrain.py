@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
+from mellum2 import atomic
 from mellum2.allocator import keep_freed_memory
+from mellum2.errors import run_stage
+from mellum2.model import Mellum2, ModelConfig
+from mellum2.model.accounting import flops_per_token
+from mellum2.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
 from .data import make_loader
@@ -35,6 +40,7 @@ from .metrics import MetricsLogger, measure_peak_flops, plot_losses, read_jsonl,
 from .optim import build_optimizers
 from .parallel import (all_gather_objects, barrier, full_model_state, full_optim_state, init_distributed,
                        install_count_reducer, load_optim_state, parallelize, shutdown)
+from .sample import completions
 from .schedule import WarmupHoldDecay
 from .trainer import Trainer
 
@@ -42,7 +48,7 @@ from .trainer import Trainer
 # small presets were tuned on the embedded corpus, see docs/train.md)
 DEFAULT_LR = {"mellum2-12b": 3e-4, "mellum2-12b-8k": 3e-4, "tiny": 3e-3, "test-small": 3e-3, "test-small2": 3e-3}
 
-# what the demo runs: ~1M tokens of `tiny`, about 20 minutes on 2 CPU cores (packed rows, MTP on)
+# what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes)
 DEMO_ARGS = ["--preset", "tiny", "--max-steps", "240", "--batch-size", "8", "--seq-len", "512",
              "--save-every", "80", "--log-every", "5"]
 
@@ -136,13 +142,8 @@ def _cxx() -> str | None:
     return next((p for p in (os.environ.get("CXX"), "g++", "c++", "clang++") if p and shutil.which(p)), None)
 
 
-def _model_config(args):
-    from mellum2.model import ConfigError, ModelConfig
-
-    try:
-        return ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
-    except (ConfigError, FileNotFoundError) as e:
-        raise TrainError(f"{'--config ' + args.config if args.config else '--preset ' + args.preset}: {e}") from None
+def _model_config(args) -> ModelConfig:
+    return ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
 
 
 def _check_args(args, cfg) -> None:
@@ -178,9 +179,7 @@ def _set_rng_state(s: dict) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _pretrain(args) -> Path:
@@ -254,8 +253,6 @@ def _pretrain(args) -> Path:
         say(f"long-context stage: {src} extended x{args.rope_factor:g} to {cfg.max_position_embeddings} tokens, "
             f"YaRN on {', '.join(ROPE_LAYERS[args.rope_layers]) or 'no'} layers")
     else:
-        from mellum2.model import Mellum2
-
         torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP shards them as they are)
         model = Mellum2(cfg)
     model.to(d.device)
@@ -285,9 +282,8 @@ def _pretrain(args) -> Path:
     if d.is_main and data_dir is not None and (data_dir / "tokenizer").is_dir() and not (out / "tokenizer").exists():
         # the run directory carries its tokenizer (inference finds it next to the checkpoints); saved
         # anew rather than copied so it has the current chat template even from an older data directory
-        from mellum2.tokenizer import Tokenizer
-        Tokenizer.load(data_dir / "tokenizer").save(out / ".tokenizer.tmp")
-        os.replace(out / ".tokenizer.tmp", out / "tokenizer")
+        with atomic.atomic_dir(out / "tokenizer") as tmp:
+            Tokenizer.load(data_dir / "tokenizer").save(tmp)
     if d.is_main:
         _write_json(out / "args.json", {**vars(args), "trajectory": trajectory, "parallel": applied,
                                         "total_steps": total_steps, "phase_boundaries_steps": boundaries_steps})
@@ -308,8 +304,6 @@ def _pretrain(args) -> Path:
             ckpt.save(out, trainer.step, trainer.tokens, cfg=cfg, model_state=model_state, train_state=state,
                       keep=args.keep)
         barrier(d)
-
-    from mellum2.model.accounting import flops_per_token
 
     fpt = flops_per_token(cfg, args.seq_len)["train"]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (measure_peak_flops(
@@ -342,15 +336,11 @@ def _pretrain(args) -> Path:
         _write_json(out / "summary.json", summary)
         say(json.dumps(summary))
     if args.samples and data_dir is not None and (data_dir / "tokenizer").exists():
-        from mellum2.tokenizer import Tokenizer
-
-        from .sample import completions
-
         tok = Tokenizer.load(data_dir / "tokenizer")
         res = completions(model, tok, max_new_tokens=args.samples, device=d.device, bf16=args.precision == "bf16")
         if d.is_main:
             text = "".join(f"--- prompt\n{p}\n--- greedy completion\n{c}\n\n" for p, c in res)
-            (out / "samples.txt").write_text(text)
+            atomic.write_text(out / "samples.txt", text)
             say("\n" + text)
     return out
 
@@ -375,12 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pretrain(args)
         return 0
-    except TrainError as e:
-        print(f"mellum2 train: error: {e}", file=sys.stderr)
-        return 1
     finally:
         shutdown()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # torchrun -m mellum2.train.pretrain: errors as one line, like `mellum2 train`
+    sys.exit(run_stage("train", main))

@@ -1,6 +1,6 @@
 """Warmup-Hold-Decay learning-rate schedule driven by the curriculum's phase boundaries.
 
-Mellum 2 (docs/mellum2-facts.md §3): linear warmup (2000 steps to 3e-4), hold through phases 1-2,
+Mellum 2 (docs/mellum2.md §3): linear warmup (2000 steps to 3e-4), hold through phases 1-2,
 linear decay to exactly 0 over phase 3. The schedule is a pure function of the step index, so a
 resumed run recomputes the same learning rate from the step alone (nothing accumulates in floats),
 and the trainer hands it to the optimisers as a plain number each step (the optimiser step is not

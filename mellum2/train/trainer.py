@@ -1,16 +1,18 @@
 """The training step and loop, reusable by pre-training, the long-context stage and SFT.
 
 One optimiser step = K micro-batches (gradient accumulation) on every one of W ranks. The objective
-is normalised over the *global* step, so W ranks x K micro-batches give the gradient one process
-would get from the whole batch, whatever the loss mask (labels -100) leaves per micro-batch:
+(mellum2/model/objective.py, the model's own) is normalised over the *global* step, so W ranks x K
+micro-batches give the gradient one process would get from the whole batch, whatever the loss mask
+(labels -100) leaves per micro-batch:
 
   loss = sum_tokens CE / N1 + w_mtp sum_tokens CE_mtp / N2 + c_lb mean(LB) + c_z mean(Z)
 
 N1 / N2 count the label tokens of the next-token / MTP targets over all micro-batches and ranks (one
 small all-reduce before the first forward), the router losses are averaged over micro-batches and
-ranks, and FSDP's gradient average over ranks is undone by the factor W on the summed terms.
-The weights come from the model config (mtp_loss_weight 0.1, router_aux_loss_coef and
-router_z_loss_coef 1e-3); the model returns the unweighted terms and the token counts.
+ranks, and FSDP's gradient average over ranks is undone by the factor W on the summed terms
+(`objective(..., StepShare)`). The weights come from the model config (mtp_loss_weight 0.1,
+router_aux_loss_coef and router_z_loss_coef 1e-3); the model returns the unweighted terms. The loss
+logged for a step is the same `objective` of the step's means.
 
 Robustness: a step whose gradient norm is not finite is not applied (gradients dropped, optimiser
 state untouched; the step still consumes its data and its place in the schedule) and is logged with
@@ -25,7 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mellum2.model.objective import SHIFT, StepShare, label_counts, loss_weights, objective
+
 from .errors import TrainingDiverged
+from .metrics import expert_load
 from .optim import clip_grad_norm
 from .parallel import CountTap, Dist, all_reduce_sum
 
@@ -88,16 +93,17 @@ class Trainer:
             self.model.set_requires_gradient_sync(on)
 
     def train_step(self) -> StepRecord:
-        cfg = self.model.cfg
+        weights = loss_weights(self.model.cfg)
         batches = self._next_batches()
         dev = self.d.device
-        # global label counts for the two targets (next token, and token t+2 for MTP)
-        n_loc = torch.zeros(2, dtype=torch.float64, device=dev)
-        for b in batches:
-            lab = b["labels"]
-            n_loc[0] += (lab[:, 1:] != -100).sum()
-            n_loc[1] += (lab[:, 2:] != -100).sum()
+        # global label counts of the token-averaged terms (next token, and token t+2 for MTP)
+        counts = [label_counts(b["labels"]) for b in batches]
+        n_loc = torch.zeros(len(SHIFT), dtype=torch.float64, device=dev)
+        for c in counts:
+            for j, k in enumerate(SHIFT):
+                n_loc[j] += c[k]
         N = all_reduce_sum(n_loc.clone(), self.d).clamp(min=1)
+        total = {k: N[j].float() for j, k in enumerate(SHIFT)}
         W, K = self.d.world, self.grad_accum
         stats = torch.zeros(len(STATS), dtype=torch.float64, device=dev)
         for i, b in enumerate(batches):
@@ -105,19 +111,14 @@ class Trainer:
             with self.autocast():
                 out = self.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
                                  return_logits=False)
-            L = out.losses
-            lab = b["labels"]
-            n1 = (lab[:, 1:] != -100).sum()
-            obj = W * L["ce"] * n1 / N[0].float()
-            row = [L["ce"].detach() * n1, n1]
+            L, n = out.losses, counts[i]
+            obj = objective(L, weights, StepShare(n, total, W, K))
+            row = [L["ce"].detach() * n["ce"], n["ce"]]
             if "mtp" in L:
-                n2 = (lab[:, 2:] != -100).sum()
-                obj = obj + W * cfg.mtp_loss_weight * L["mtp"] * n2 / N[1].float()
-                row += [L["mtp"].detach() * n2, n2]
+                row += [L["mtp"].detach() * n["mtp"], n["mtp"]]
             else:
                 row += [torch.zeros((), device=dev)] * 2
             if "lb" in L:
-                obj = obj + (cfg.router_aux_loss_coef * L["lb"] + cfg.router_z_loss_coef * L["z"]) / K
                 row += [L["lb"].detach(), L["z"].detach()]
             else:
                 row += [torch.zeros((), device=dev)] * 2
@@ -151,7 +152,7 @@ class Trainer:
         """Reduce and fetch the pending records (one all-reduce + one host sync), as dicts for logging."""
         if not self.pending:
             return []
-        cfg = self.model.cfg
+        weights = loss_weights(self.model.cfg)
         stats = all_reduce_sum(torch.stack([r.stats for r in self.pending]), self.d).cpu()
         norms = torch.stack([r.grad_norm.double() for r in self.pending]).cpu().tolist()
         out = []
@@ -160,13 +161,10 @@ class Trainer:
             ce = v["ce_sum"] / max(v["n1"], 1)
             mtp = v["mtp_sum"] / max(v["n2"], 1)
             lb, z = v["lb_sum"] / v["n_mb"], v["z_sum"] / v["n_mb"]
-            loss = ce + (cfg.mtp_loss_weight * mtp if v["n2"] else 0.0) + cfg.router_aux_loss_coef * lb \
-                + cfg.router_z_loss_coef * z
+            loss = objective({"ce": ce, "lb": lb, "z": z, **({"mtp": mtp} if v["n2"] else {})}, weights)
             rec = {"step": r.step, "tokens": r.tokens, "lr": r.lr, "phase": r.phase, "loss": loss, "ce": ce,
                    "mtp": mtp, "lb": lb, "z": z, "grad_norm": gn, "skipped": r.skipped}
             if r.counts_LE is not None:
-                from .metrics import expert_load
-
                 rec.update(expert_load(r.counts_LE.cpu()))
             out.append(rec)
         self.pending.clear()

@@ -23,18 +23,18 @@ query positions: a causal block skips the keys after its last query and, given t
 before its first query's window (at T = 512, window 256, blocks of 128 queries: 3/8 of the scores
 of the full layers and 7/16 of the sliding ones are never formed).
 
-Used by `layers.attend` for the cache-free forward on a CPU in bf16 when gradients are needed
-(training); fp32, inference and GPUs keep plain SDPA. The backward is compiled (inductor fuses its
+`training_attention` is what `mellum2.kernels.install` gives each `Attention` module (its `kernel`):
+the model's cache-free forward uses it on a CPU in bf16 when gradients are needed (training); fp32,
+inference and GPUs keep plain SDPA, the reference. The backward is compiled (inductor fuses its
 elementwise passes) for sequences of useful size. Forward + backward of one layer at the sizes
 above (bf16, 2 threads, ms): sliding 17.7 vs SDPA's 24.8, full 18.1 vs 26.6 (17.1 and 16.7 when the
 caller is compiled too). The price: inductor compiles each new shape's backward once (here ~100 s
 in all for a `tiny` run with MTP and packed documents on an empty inductor cache, seconds once
-cached on disk); MELLUM2_CPU_ATTENTION=sdpa keeps SDPA's backward (short runs, no C++ compiler).
+cached on disk); `install(model, attention="sdpa")` or MELLUM2_CPU_ATTENTION=sdpa keeps SDPA's backward
+(short runs, no C++ compiler).
 tests/test_cpu_attention.py checks values and gradients against SDPA (and the bf16 error against SDPA's).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +44,21 @@ from .compiled import CompiledOrEager
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def wanted(q: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Use `attention` for q attending in `dtype`: on a CPU, bf16, when a gradient is needed (training),
-    unless MELLUM2_CPU_ATTENTION=sdpa. In fp32 SDPA's own backward is the faster one (measured 43 vs
-    60 ms for the sizes above)."""
-    return (q.device.type == "cpu" and dtype == torch.bfloat16 and q.requires_grad and torch.is_grad_enabled()
-            and os.environ.get("MELLUM2_CPU_ATTENTION", "").strip().lower() != "sdpa")
+def applies(q: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `attention` is the faster path for q attending in `dtype`: on a CPU, bf16, when a
+    gradient is needed (training). In fp32 SDPA's own backward is the faster one (measured 43 vs 60 ms
+    for the sizes above)."""
+    return q.device.type == "cpu" and dtype == torch.bfloat16 and q.requires_grad and torch.is_grad_enabled()
+
+
+def training_attention(q_BHTd, k_BGTd, v_BGTd, mask=None, window: int | None = None):
+    """`Attention.kernel`: causal attention (mask: the model's causal plan mask, or None) through
+    `attention` in the compute dtype where `applies`; None elsewhere, and the model runs SDPA."""
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q_BHTd.dtype
+    if not applies(q_BHTd, dt):
+        return None
+    q, k, v = (x.to(dt) for x in (q_BHTd, k_BGTd, v_BGTd))
+    return attention(q, k, v, mask, is_causal=True, window=window)
 
 
 def attention(q_BHTd, k_BGTd, v_BGTd, mask=None, is_causal: bool = False, window: int | None = None,

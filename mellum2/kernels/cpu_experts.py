@@ -5,7 +5,7 @@ threads. For `tiny`'s groups (~512 x 256 x 256) that split costs more than it gi
 machine one thread does a gate/up grouped GEMM in 1.4-1.6 ms, two threads take 2.4-2.9 ms. Here every
 thread takes whole experts instead (largest first onto the least loaded thread), and each expert's
 GEMM runs single-threaded inside that parallel region: forward 1.0 vs 1.4 ms, weight gradient 1.5 vs
-2.0 ms in a hot loop; the compiled `tiny` training step 2-4% faster (docs/train.md). Results are the
+2.0 ms in a hot loop; the compiled `tiny` training step 2-4% faster. Results are the
 same `mm` calls, so bit for bit equal to `grouped_mm` (tests/test_cpu_experts.py).
 
 Two ops, both registered with torch.library so `torch.compile` keeps them in its graph as opaque calls:
@@ -18,7 +18,8 @@ of the parameters it flows back to, so their fp32 cast is a contiguous pass: ~10
 
 The C++ is compiled on first use (`load()`, ~30 s, then cached by torch in
 ~/.cache/torch_extensions); where that fails (no C++ compiler) `load()` warns once and returns
-False, and callers keep `grouped_mm`. The trainer installs it on CPU runs (train/parallel.py).
+False, and callers keep `grouped_mm`. `mellum2.kernels.install` gives it to the experts of a model on
+a CPU (the trainer's `parallelize` calls it).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def load() -> bool:
     global _ext
     if _ext is None:
         try:
-            from torch.utils.cpp_extension import _get_build_directory, load_inline
+            from torch.utils.cpp_extension import _get_build_directory, load_inline  # heavy; only to build
 
             build_dir = Path(_get_build_directory("mellum2_cpu_experts", verbose=False))
             if not any(build_dir.glob("*.so")):
@@ -182,3 +183,6 @@ def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     """Drop-in for `F.grouped_mm(x, w, offs=offs)` on 2-D x and 3-D w (the experts' `gmm`), where
     `load()` is True."""
     return experts_mm(x, w, offs)
+
+
+grouped_mm.per_group_gemms = True  # one oneDNN GEMM per expert, like torch's: Experts.pad_of pads its groups
