@@ -125,7 +125,7 @@ def prompt(spec: Spec, r: random.Random, examples: bool = True) -> str:
     text = r.choice([f"Write a Python function `{sig}`. {spec.doc}",
                      f"Complete this function:\n\n```python\n{spec.signature}\n    \"\"\"{docstring}\"\"\"\n```",
                      f"Implement `{sig}` in Python: {spec.doc}",
-                     f"{spec.doc[0].lower() + spec.doc[1:]}\n\nWrite it as a Python function `{sig}`."])
+                     f"I need a Python function `{sig}` for this: {spec.doc}"])
     if examples and r.random() < 0.4:
         text += f"\n\nFor example, `{spec.example[0]}` should return `{spec.example[1]}`."
     return text
