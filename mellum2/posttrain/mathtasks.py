@@ -37,8 +37,9 @@ class MathProblem:
     key: str
     statement: str
     steps: tuple[str, ...]
-    answer: str           # what the reply states: "7", "x = 5", "$12.50", "360 km"
-    value: str            # the bare exact value for verifiers: "7", "5", "12.50", "360"
+    answer: str           # as the problem's solution writes it: "7", "x = 5", "$12.50", "360 km"
+    value: str            # the bare exact value, stated in the answer line: "7", "5", "12.50", "360"
+                          # (compound answers of SFT-only families stay as written: "7 remainder 3")
     difficulty: int
 
 
@@ -165,11 +166,12 @@ def math_problem(split: str, seed: int, index: int, difficulty: int | None = Non
 
 def reply(p: MathProblem, thinking: bool) -> dict:
     """The assistant message. Thinking: the steps are the reasoning and the content is the answer line;
-    Instruct: the steps and the answer line are the content."""
+    Instruct: the steps and the answer line are the content. The line states the bare value ("6/5",
+    not "6/5 hours"; units stay in the steps), as RL rewards it."""
     steps = "\n".join(p.steps)
     if thinking:
-        return {"role": "assistant", "reasoning_content": steps, "content": final_line(p.answer)}
-    return {"role": "assistant", "content": f"{steps}\n\n{final_line(p.answer)}"}
+        return {"role": "assistant", "reasoning_content": steps, "content": final_line(p.value)}
+    return {"role": "assistant", "content": f"{steps}\n\n{final_line(p.value)}"}
 
 
 def user_prompt(p: MathProblem, r, instruct_format: bool) -> str:

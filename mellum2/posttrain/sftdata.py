@@ -50,6 +50,13 @@ class Item:
     tools: list = field(default_factory=list)
     expect: dict = field(default_factory=dict)
     specs: list = field(default_factory=list)  # code specs whose solutions appear in the conversation
+    target: int | None = None  # the assistant message `expect` describes (None: the first one)
+
+    def prompt_end(self) -> int:
+        """Index of the assistant message that `expect` describes: the prompt is messages[:prompt_end()]."""
+        if self.target is not None:
+            return self.target
+        return next(j for j, m in enumerate(self.messages) if m["role"] == "assistant")
 
 
 def apportion(n: int, mix) -> dict[str, int]:
@@ -100,7 +107,7 @@ def identity(r: random.Random, split: str) -> Item:
                  {"role": "assistant", "content": "Hello! How can I help?", "reasoning_content": "A greeting."}]
     msgs += [{"role": "user", "content": question},
              {"role": "assistant", "content": answer, "reasoning_content": thought}]
-    return Item(f"identity:{question}:{answer}", "identity", msgs, expect={"keyword": "Mellum"})
+    return Item(f"identity:{question}:{answer}", "identity", msgs, expect={"keyword": "Mellum"}, target=len(msgs) - 1)
 
 
 # ---- multi-turn chats --------------------------------------------------------------------------
@@ -177,7 +184,7 @@ def code_followup(r: random.Random, thinking: bool, split: str) -> Item:
     else:
         ask, reply, why = "Explain it in one sentence.", spec.explain, "Summarise the approach."
     msgs = first + [{"role": "user", "content": ask}, _say(reply, why)]
-    return Item(f"chat:code:{spec.key}:{kind}", "chat", msgs, specs=specs)
+    return Item(spec.key, "chat", msgs, specs=specs)  # the drawn key decides the split
 
 
 def chat(r: random.Random, thinking: bool, split: str) -> Item:
@@ -262,7 +269,17 @@ def sft_items(split: str = "train", n: int | None = None, seed: int = 0, mode: s
     counts = apportion(n, MIX)
     if split == "train":  # identity is repeated, so fewer distinct ones fill its share
         counts["identity"] = -(-counts["identity"] // IDENTITY_REPEAT)
-    return [make_item(kind, split, seed, i, mode == "thinking") for kind, _ in MIX for i in range(counts[kind])]
+    items = [make_item(kind, split, seed, i, mode == "thinking") for kind, _ in MIX if kind != "identity"
+             for i in range(counts[kind])]
+    seen, i = set(), 0  # identity dialogues come from few phrasings: keep distinct ones only
+    while len(seen) < counts["identity"] and i < 100 * counts["identity"]:
+        it = make_item("identity", split, seed, i, mode == "thinking")
+        i += 1
+        text = json.dumps(it.messages, sort_keys=True)
+        if text not in seen:
+            seen.add(text)
+            items.append(it)
+    return items
 
 
 def sft_conversations(split: str = "train", mode: str = "instruct", n: int | None = None, seed: int = 0,

@@ -7,7 +7,7 @@ a light scorer for the checks that need no sandbox.
 `kind` and `expect`:
   tool        a call is expected: {"tool_calls": [{"name", "arguments"}], "match": {tool: {arg: rule}}}
               (calculator, lookup, python, multi: several calls in one turn, order-insensitive; recovery:
-              the first call, before the tool error)
+              the corrected call where the data's first call is a deliberate slip)
   clarify     an ambiguous request: {"tool_calls": [], "question": True} - no call, a question back
   no_tool     tools are offered but not needed: {"tool_calls": []}
   identity    {"keyword": "Mellum"} - the reply names the model
@@ -37,15 +37,15 @@ KINDS = {"tool.calculator": "tool", "tool.lookup": "tool", "tool.python": "tool"
 
 
 def sft_eval_prompts(n: int | None = None, seed: int = 0) -> list[dict]:
-    """Held-out prompts (default 200) cut before the first assistant turn, with their expectations."""
+    """Held-out prompts (default 200) cut before the assistant turn their expectation describes (the first
+    one, or the identity answer after a greeting), with their expectations."""
     counts = apportion(sum(c for _, c in EVAL_MIX) if n is None else n, EVAL_MIX)
     out = []
     for kind, _ in EVAL_MIX:
         for i in range(counts[kind]):
             it = make_item(kind, "heldout", seed, i, thinking=False, stream="eval:", exact_math=True)
-            first = next(j for j, m in enumerate(it.messages) if m["role"] == "assistant")
             item = {"id": stable_id(f"{it.key}:{i}", "eval-"), "kind": KINDS.get(kind, kind),
-                    "messages": it.messages[:first], "expect": it.expect}
+                    "messages": it.messages[:it.prompt_end()], "expect": it.expect}
             if it.tools:
                 item["tools"] = it.tools
             out.append(item)
@@ -61,8 +61,9 @@ def _args_match(name: str, want: dict, got: dict, rules: dict) -> bool | None:
             try:
                 if tools.calculate(str(w)) != tools.calculate(str(g)):
                     return False
-            except tools.ToolError:
-                return False
+            except tools.ToolError:  # no value (1 / 0): the same text, spaces aside
+                if "".join(str(w).split()) != "".join(str(g).split()):
+                    return False
         elif rule == "text":
             if not isinstance(g, str) or " ".join(g.split()).casefold() != " ".join(str(w).split()).casefold():
                 return False

@@ -12,7 +12,8 @@ Each generator returns a `Dialog`: the split key, the messages (every assistant 
 `reasoning_content`, dropped later for Instruct), the offered tools (always including the needed one,
 plus distractors, shuffled), and `expect`, what a correct *first* assistant reply must do:
 {"tool_calls": [{"name", "arguments"}], "match": {arg: rule}} or {"tool_calls": [], "question": True}
-or {"tool_calls": []}. Tool responses come from `tools.run_tool`; python outputs are computed here and
+or {"tool_calls": []}. In the recovery dialogues whose first call is a deliberate slip (`^`, `x`, a
+misspelt name), `expect` holds the corrected call: that is what a good first reply would send. Tool responses come from `tools.run_tool`; python outputs are computed here and
 checked against a real run by the tests.
 """
 from __future__ import annotations
@@ -251,7 +252,7 @@ def recovery(r: random.Random) -> Dialog:
             asst("", f"I'll evaluate {said} with the calculator.", [bad]), respond(bad, err),
             asst("", f"The calculator rejected it: {json.loads(err)['error']}. I'll write it as {fixed}.", [good]),
             respond(good, ok), asst(f"{said} = {result(ok)}.", f"Now it worked: {result(ok)}.")]
-        return Dialog(f"calc:{fixed}", "recovery", msgs, toolset(r, {"calculator"}), expect_calls([bad]))
+        return Dialog(f"calc:{fixed}", "recovery", msgs, toolset(r, {"calculator"}), expect_calls([good]))
     if kind == 2:  # a misspelt name: the lookup suggests the right one
         entity = r.choice([e for e in tools.LANGUAGES if len(e) >= 4] + [e for e in tools.ELEMENTS if len(e) >= 4])
         i = r.randrange(1, len(entity) - 2)
@@ -267,7 +268,7 @@ def recovery(r: random.Random) -> Dialog:
             asst("", f"No entry for {typo}; the table suggests {entity}, which is surely what was meant.", [good]),
             respond(good, ok), asst(ASK[fld][1].format(e=entity, v=value) + f" (I read \"{typo}\" as {entity}.)",
                                     f"The table says {value}.")]
-        return Dialog(f"lookup:{entity}:{fld}:typo", "recovery", msgs, toolset(r, {"lookup"}), expect_calls([bad]))
+        return Dialog(f"lookup:{entity}:{fld}:typo", "recovery", msgs, toolset(r, {"lookup"}), expect_calls([good]))
     if kind == 3:  # not in the table: say so, do not guess
         entity = r.choice(NOT_IN_TABLE)
         fld = {"Iceland": "capital", "Thailand": "capital", "platinum": "symbol", "neon": "atomic_number"}.get(entity, "creator")
