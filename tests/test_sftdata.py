@@ -10,7 +10,7 @@ import time
 import jsonschema
 import pytest
 
-from mellum2.posttrain import codebank, codetasks, mathtasks, sfteval, sftdata, tools
+from mellum2.posttrain import codebank, codetasks, mathtasks, sfteval, sftdata, tooldialogs, tools
 from mellum2.posttrain.formats import normalise
 from mellum2.posttrain.splits import heldout
 
@@ -47,6 +47,14 @@ def test_train_and_heldout_are_disjoint():
         for it in items:
             if it.source not in ("tool.clarify", "tool.no_tool", "identity"):
                 assert heldout(it.key) == want, it.key
+    # every fact or expression a tool is asked about (all successful calls) belongs to the item's split
+    for items, want in ((train, False), (held, True)):
+        for it in items:
+            calls = [c for m in it.messages for c in m.get("tool_calls", [])]
+            replies = {m["tool_call_id"]: m["content"] for m in it.messages if m["role"] == "tool"}
+            for c in calls:
+                if '"error"' not in replies[c["id"]]:
+                    assert heldout(tooldialogs.part_key(c)) == want, (it.source, c)
     # phrasing-split kinds: no held-out user request appears in train
     train_requests = {m["content"] for it in train for m in it.messages if m["role"] == "user"}
     for it in held:

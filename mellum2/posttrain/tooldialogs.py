@@ -8,7 +8,8 @@ the lookup's suggestion, an unknown entity or a division by zero explained rathe
 program that raises); a clarification question when the request is ambiguous (then the user's answer,
 the call and the reply); and requests that need no tool although tools are offered.
 
-Each generator returns a `Dialog`: the split key, the messages (every assistant turn carries
+Each generator returns a `Dialog`: the split key (a fact's key is the same wherever it is asked -
+alone, with others in one turn, after a typo - and a dialogue asks only facts of one split), the messages (every assistant turn carries
 `reasoning_content`, dropped later for Instruct), the offered tools (always including the needed one,
 plus distractors, shuffled), and `expect`, what a correct *first* assistant reply must do:
 {"tool_calls": [{"name", "arguments"}], "match": {arg: rule}} or {"tool_calls": [], "question": True}
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import tools
 from .codebank import WORDS
-from .splits import split_list
+from .splits import heldout, split_list
 
 SYSTEMS = (None, None, "You are a helpful assistant with access to tools.",
            "You are Mellum 2, a code model trained by JetBrains. Use the tools when they help.",
@@ -81,6 +82,20 @@ def expect_calls(calls: list) -> dict:
     return {"tool_calls": [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
                            for c in calls],
             "match": {c["function"]["name"]: MATCH[c["function"]["name"]] for c in calls}}
+
+
+def part_key(c: dict) -> str:
+    """The split key of one call: the same for a fact asked alone, in a multi-call turn or after a slip."""
+    args = json.loads(c["function"]["arguments"])
+    if c["function"]["name"] == "lookup":
+        return f"lookup:{args['entity']}:{args['field']}"
+    if c["function"]["name"] == "calculator":
+        return f"calc:{args['expression']}"
+    return f"python:{args['code']}"
+
+
+def same_split(a: str, b: str) -> bool:
+    return heldout(a) == heldout(b)
 
 
 def result(reply: str):
@@ -163,15 +178,16 @@ def lookup_single(r: random.Random) -> Dialog:
         asst("", f"This is a fact about {entity} ({fld.replace('_', ' ')}); the lookup tool has it.", [c]),
         respond(c, reply), asst(say.format(e=entity, v=value), f"The table says {value}.")]
     key = f"lookup:{entity}:{fld}"
-    if r.random() < 0.3:  # a follow-up that refers to the first question
-        other = r.choice([k for k in tools.TABLE if fld in tools.TABLE[k] and k != entity])
+    # a follow-up that refers to the first question, about a fact of the same split
+    others = [k for k in tools.TABLE if fld in tools.TABLE[k] and k != entity and same_split(f"lookup:{k}:{fld}", key)]
+    if others and r.random() < 0.3:
+        other = r.choice(others)
         c2 = call(r, "lookup", {"entity": other, "field": fld})
         reply2 = run(c2)
         v2 = json.loads(reply2)["value"]
         msgs += [{"role": "user", "content": r.choice([f"And {other}?", f"What about {other}?", f"Same for {other}, please."])},
                  asst("", f"Same question as before, now for {other}: another lookup of {fld.replace('_', ' ')}.", [c2]),
                  respond(c2, reply2), asst(say.format(e=other, v=v2), f"The table says {v2}.")]
-        key += f"+{other}"
     return Dialog(key, "lookup", msgs, toolset(r, {"lookup"}), expect_calls([c]))
 
 
@@ -268,7 +284,7 @@ def recovery(r: random.Random) -> Dialog:
             asst("", f"No entry for {typo}; the table suggests {entity}, which is surely what was meant.", [good]),
             respond(good, ok), asst(ASK[fld][1].format(e=entity, v=value) + f" (I read \"{typo}\" as {entity}.)",
                                     f"The table says {value}.")]
-        return Dialog(f"lookup:{entity}:{fld}:typo", "recovery", msgs, toolset(r, {"lookup"}), expect_calls([good]))
+        return Dialog(f"lookup:{entity}:{fld}", "recovery", msgs, toolset(r, {"lookup"}), expect_calls([good]))
     if kind == 3:  # not in the table: say so, do not guess
         entity = r.choice(NOT_IN_TABLE)
         fld = {"Iceland": "capital", "Thailand": "capital", "platinum": "symbol", "neon": "atomic_number"}.get(entity, "creator")
@@ -278,7 +294,7 @@ def recovery(r: random.Random) -> Dialog:
             asst("", f"I'll look up {entity}.", [bad]), respond(bad, err),
             asst(f"My reference table has no entry for {entity}, so I can't look up its "
                  f"{fld.replace('_', ' ')} reliably.", "The lookup failed; better to say so than to guess.")]
-        return Dialog(f"lookup:{entity}:{fld}:missing", "recovery", msgs, toolset(r, {"lookup"}), expect_calls([bad]))
+        return Dialog(f"lookup:{entity}:{fld}", "recovery", msgs, toolset(r, {"lookup"}), expect_calls([bad]))
     a, b = r.randint(10, 999), r.randint(1, 50)  # division by zero: explain
     expr = f"{a} / ({b} - {b})"
     bad = call(r, "calculator", {"expression": expr})
@@ -316,13 +332,15 @@ def multi(r: random.Random) -> Dialog:
         request = f"{ASK[fld][0][0].format(e=entity)} Also, {q[0].lower() + q[1:]}"
         replies = [run(c) for c in calls]
         answer = f"{ASK[fld][1].format(e=entity, v=json.loads(replies[0])['value'])} And {expr} = {result(replies[1])}."
+    keys = [part_key(c) for c in calls]
+    if not all(same_split(k, keys[0]) for k in keys):  # every fact asked belongs to one split
+        return multi(r)
     names = {c["function"]["name"] for c in calls}
     msgs = start(r, request) + [asst("", f"There are {len(calls)} independent things to fetch, so I'll make "
                                          f"{len(calls)} calls at once.", calls)]
     msgs += [respond(c, x) for c, x in zip(calls, replies)]
     msgs.append(asst(answer, "All calls returned; I'll combine the results."))
-    key = "multi:" + "|".join(sorted(c["function"]["name"] + c["function"]["arguments"] for c in calls))
-    return Dialog(key, "multi", msgs, toolset(r, names), expect_calls(calls))
+    return Dialog(keys[0], "multi", msgs, toolset(r, names), expect_calls(calls))
 
 
 # ---- clarification and no-tool requests --------------------------------------------------------
@@ -351,10 +369,8 @@ AMBIGUOUS = (  # (request, clarifying question, what the answer supplies)
 )
 
 
-def clarify(r: random.Random, split: str) -> Dialog:
-    request, question, need = r.choice(split_list(AMBIGUOUS, split))
-    msgs = start(r, request) + [asst(question, "The request does not say what it refers to, so I should ask "
-                                               "instead of guessing.")]
+def _followup(r: random.Random, need: str):
+    """(the user's clarification, the call it allows, the python output or None, the final reply maker)."""
     if need in ("sum", "percent"):
         if need == "sum":
             xs = [r.randint(2, 500) for _ in range(r.randint(2, 4))]
@@ -362,18 +378,25 @@ def clarify(r: random.Random, split: str) -> Dialog:
         else:
             p, x = r.choice([10, 15, 20, 25]), r.randint(20, 900)
             answer, expr = f"{p}% of {x}.", f"{x} * {p} / 100"
-        c = call(r, "calculator", {"expression": expr})
-        done = lambda reply: f"{expr} = {result(reply)}."  # noqa: E731
-    elif need == "code":
+        return answer, call(r, "calculator", {"expression": expr}), None, lambda reply: f"{expr} = {result(reply)}."
+    if need == "code":
         _, code, out, raised = program(r)
         while raised:
             _, code, out, raised = program(r)
-        answer, c = f"```python\n{code}\n```", call(r, "python", {"code": code})
-        done = lambda reply: f"It prints `{out}`."  # noqa: E731
-    else:
-        entity = r.choice([k for k in tools.TABLE if need in tools.TABLE[k]])
-        answer, c = r.choice([f"{entity}.", f"I mean {entity}.", entity]), call(r, "lookup", {"entity": entity, "field": need})
-        done = lambda reply: ASK[need][1].format(e=entity, v=json.loads(reply)["value"])  # noqa: E731
+        return f"```python\n{code}\n```", call(r, "python", {"code": code}), out, lambda reply: f"It prints `{out}`."
+    entity = r.choice([k for k in tools.TABLE if need in tools.TABLE[k]])
+    answer = r.choice([f"{entity}.", f"I mean {entity}.", entity])
+    return (answer, call(r, "lookup", {"entity": entity, "field": need}), None,
+            lambda reply: ASK[need][1].format(e=entity, v=json.loads(reply)["value"]))
+
+
+def clarify(r: random.Random, split: str) -> Dialog:
+    request, question, need = r.choice(split_list(AMBIGUOUS, split))
+    msgs = start(r, request) + [asst(question, "The request does not say what it refers to, so I should ask "
+                                               "instead of guessing.")]
+    answer, c, out, done = _followup(r, need)
+    while heldout(part_key(c)) != (split == "heldout"):  # the fact asked after clarifying: same split
+        answer, c, out, done = _followup(r, need)
     name = c["function"]["name"]
     reply = json.dumps({"stdout": out + "\n"}) if name == "python" else run(c)
     msgs += [{"role": "user", "content": answer}, asst("", f"Now it is clear; I'll call {name}.", [c]),
