@@ -247,9 +247,42 @@ def test_calls_match_rules():
     assert sfteval.calls_match(exp, bad_json, match)[0] is False
 
 
-def test_renders_with_the_chat_template(data):
-    chat = pytest.importorskip("mellum2.chat")
-    for (_, mode), convs in data.items():
-        for conv in convs[:300]:
-            text = chat.render(conv["messages"], tools=conv.get("tools"))
+def test_chat_template_parser_and_sft_examples(data):
+    """Every conversation renders; each assistant turn parses back (content, reasoning, tool calls) with
+    no errors; sft_examples gives trained tokens in both modes."""
+    from mellum2.chat import parse, render
+    from mellum2.posttrain import sft_examples
+    from mellum2.tokenizer import train_bpe
+
+    tok = train_bpe(["def add(a, b):\n    return a + b\n", "The answer is 42.", '{"name": "calculator"}'] * 20, 400)
+    for (split, mode), convs in data.items():
+        for k, conv in enumerate(convs):
+            text = render(conv["messages"], tools=conv.get("tools"))
             assert text.endswith("<|im_end|>\n")
+            for j, m in enumerate(conv["messages"]):
+                if m["role"] != "assistant":
+                    continue
+                turn = render([{"role": "user", "content": "q"}, m]).split("<|im_start|>assistant\n", 1)[1]
+                got = parse(turn)
+                assert not got["errors"] and got["content"] == m["content"], (m, got)
+                assert (got.get("reasoning_content") or None) == (m.get("reasoning_content") or None)
+                want_calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in m.get("tool_calls", [])]
+                assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                        for c in got.get("tool_calls") or []] == want_calls
+            if k % 10 == 0 and split == "train":
+                examples = sft_examples(tok, conv["messages"], mode, tools=conv.get("tools"))
+                assert examples and all(any(x != -100 for x in labels) for _, labels in examples)
+
+
+def test_same_data_in_every_process():
+    """No dependence on string hashing (set order) or other per-process state."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, hashlib; from mellum2.posttrain import sft_conversations, rl_tasks; "
+            "d = [sft_conversations('train', 'thinking', n=300), rl_tasks('heldout', n=100)]; "
+            "print(hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1

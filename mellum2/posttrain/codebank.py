@@ -8,7 +8,7 @@ against its tests is a real check: `codetasks.check_specs` does it for every gen
 
 `CodeSpec.consts` (with the template name) is the task's identity for the train / held-out split;
 names and phrasing are not. Difficulty: 1 = one-line tasks a tiny model can learn (add a constant,
-greet), 2 = string / list / dict / arithmetic tasks, 3 = recursion and classes (codeclasses.py).
+greet), 2 = string / list / dict / arithmetic tasks, 3 = recursion (codebank_more.py) and classes (codeprogs.py).
 """
 from __future__ import annotations
 
