@@ -2,7 +2,17 @@
 
 `from mellum2.posttrain import sft_examples`: one conversation -> [(input_ids, labels)] for the
 Instruct or Thinking variant (sft_examples.py; docs/chat.md).
-"""
-from .sft_examples import MODES, sft_examples
 
-__all__ = ["sft_examples", "MODES"]
+The embedded post-training data (docs/posttrain.md): `sft_conversations` (SFT conversations, train /
+held-out), `sft_eval_prompts` + `check_reply` (held-out prompts with what a reply must contain),
+`rl_tasks` (RL prompts with verifiable answers), `read_conversations` / `load_conversations` (SFT data
+files: OpenAI, ShareGPT, Hugging Face datasets).
+"""
+from .formats import DataFormatError, ReadStats, load_conversations, read_conversations
+from .rltasks import rl_tasks
+from .sft_examples import MODES, sft_examples
+from .sftdata import sft_conversations
+from .sfteval import check_reply, sft_eval_prompts
+
+__all__ = ["sft_examples", "MODES", "sft_conversations", "sft_eval_prompts", "check_reply", "rl_tasks",
+           "read_conversations", "load_conversations", "ReadStats", "DataFormatError"]
