@@ -4,5 +4,6 @@
 Instruct or Thinking variant (sft_examples.py; docs/chat.md).
 """
 from .sft_examples import MODES, sft_examples
+from .verify import score  # the RL reward: score(task, reply) -> (reward, reason); docs/sandbox.md
 
 __all__ = ["sft_examples", "MODES"]
