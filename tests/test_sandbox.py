@@ -1,4 +1,6 @@
 """The sandbox's API: statuses, stdin/files, timings, run_many, backend choice and refusals, retries."""
+import dataclasses
+import os
 import warnings
 
 import pytest
@@ -99,7 +101,7 @@ def test_transient_failures_are_retried(monkeypatch):
 
 def test_sandbox_failure_before_start_is_not_the_programs(monkeypatch):
     box = isolate._get("bwrap")
-    broken = isolate.Backend(box.name, box.tool, "/nonexistent/python3", None, box.user, box.features)
+    broken = dataclasses.replace(box, python="/nonexistent/python3")
     with pytest.raises(SandboxError, match="before the program started") as e:
         execute._run(broken, b"print(1)", b"", {}, Limits(5, 1 << 28), 5.0, 1 << 16)
     assert not e.value.transient
@@ -130,3 +132,14 @@ def test_falls_back_to_unshare_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert run("print(2)").stdout == "2\n"
+
+
+def test_switches_to_an_unprivileged_uid_without_setpriv():
+    box = isolate._get("bwrap")
+    if box.user is None:
+        pytest.skip("not root: nothing to switch")
+    plain = dataclasses.replace(box, setpriv=None)   # Popen(user=...) instead
+    code = "import os\nprint(os.getuid(), open('/proc/self/uid_map').read().split())"
+    r = execute._run(plain, code.encode(), b"", {}, Limits(5, 1 << 28), 5.0, 1 << 16)
+    assert r.ok and r.stdout.startswith("65534 ")
+    assert os.geteuid() == 0   # the caller keeps its own uid

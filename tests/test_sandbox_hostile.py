@@ -72,6 +72,12 @@ def test_fork_bomb_is_capped_and_killed(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_memory_bomb(backend):
     contained(run("x = bytearray(1 << 36)", memory_mb=256, backend=backend), "memory")
+    # many processes, each under the per-process limit: the sandbox's total is what counts
+    spread = ("import os, time\nfor i in range(12):\n    if os.fork() == 0:\n        x = bytearray(100 << 20)\n"
+              "        x[::4096] = b'1' * len(x[::4096])\n        time.sleep(60)\nos.wait()\n")
+    r = run(spread, memory_mb=256, timeout_s=20, backend=backend)
+    contained(r, "memory")
+    assert r.wall_s < 10
     grow = "a = []\nwhile True:\n    a.append(bytearray(10 ** 7))\n"
     r = run(grow, memory_mb=128, timeout_s=10, backend=backend)
     contained(r, "memory")

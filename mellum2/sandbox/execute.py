@@ -5,13 +5,15 @@ on pipes, and two more pipes: the prelude writes one byte on `start` once the rl
 (so a failure before it is the sandbox's, raised as `SandboxError`, and never the program's), and
 bwrap writes the host pid of the sandbox's init on `info`. One epoll loop reads the output (each
 stream capped; the first byte over the cap kills the run: `output_limit`), watches the wall clock
-(`timeout`) and waits for the launcher to exit (a pidfd). A kill is SIGKILL to the sandbox's init:
+(`timeout`), checks the memory of the whole sandbox every 0.1 s once it has run 0.2 s (the
+address-space rlimit is per process, so 32 processes could otherwise hold 32 times `memory_mb`)
+and waits for the launcher to exit (a pidfd). A kill is SIGKILL to the sandbox's init:
 the kernel then kills every process of its pid namespace, double-forked daemons included, and
 bwrap exits only after the namespace is empty; `run()` returns after that (it also waits for the
 init's pidfd), so nothing the program started outlives the call.
 
 Statuses: "ok" (exit 0), "error" (any other exit), "memory" (the last stderr line is a MemoryError:
-the address-space limit), "timeout" (the wall clock, or the CPU-seconds limit: SIGKILL/SIGXCPU with
+the address-space limit; or the sandbox's processes together held more than `memory_mb`), "timeout" (the wall clock, or the CPU-seconds limit: SIGKILL/SIGXCPU with
 the CPU time at the limit), "killed" (any other signal), "output_limit" (stdout or stderr over the
 cap). bwrap reports a program killed by signal N as exit status 128+N; those are mapped back to
 -N (subprocess's convention), so a program that itself exits with 129..192 reads as killed.
@@ -33,6 +35,7 @@ from mellum2.sandbox.isolate import Backend, Limits, SandboxError, backend as ge
 OUTPUT_BYTES = 64 << 10   # per stream
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "output_limit")
 _TICKS = os.sysconf("SC_CLK_TCK")
+_MEMORY_FIRST_S, _MEMORY_EVERY_S = 0.2, 0.1
 _GONE_WAIT_S = 5.0         # after a kill, how long to wait for the namespace to empty
 _TRANSIENT = ("Resource temporarily unavailable", "Cannot allocate memory", "No space left on device",
               "Too many open files", "Interrupted system call")
@@ -59,7 +62,7 @@ def run(code: str, *, stdin: str | bytes = "", files: dict[str, str | bytes] | N
         output_bytes: int = OUTPUT_BYTES, backend: str = "auto", allow_unconfined: bool = False) -> Result:
     """Run `code` (a Python program, executed as `main.py` in the sandbox's work dir) in a fresh
     sandbox. `files`: relative path -> content, written next to it. `timeout_s`: wall clock;
-    `memory_mb`: address space per process. Raises SandboxError when the sandbox itself fails
+    `memory_mb`: address space of each process, and memory of all of them together. Raises SandboxError when the sandbox itself fails
     (`.transient` says whether a retry may help); the program's own failures are statuses."""
     if language != "python":
         raise UsageError(f"sandbox language {language!r}: only 'python' is supported")
@@ -142,6 +145,7 @@ def _watch(proc: subprocess.Popen, box: Backend, start_r: int, info_r: int, limi
     started = exited = False
     verdict = None       # "timeout" / "output_limit" when the launcher killed the run
     deadline = t0 + timeout_s
+    next_check = t0 + _MEMORY_FIRST_S   # the whole sandbox's memory, checked while it runs
     give_up = None
 
     killed_cpu = 0.0     # CPU time of the processes alive when the launcher killed the run
@@ -182,9 +186,13 @@ def _watch(proc: subprocess.Popen, box: Backend, start_r: int, info_r: int, limi
             now = time.perf_counter()
             if verdict is None and now >= deadline:
                 kill("timeout")
+            if verdict is None and now >= next_check:
+                next_check = now + _MEMORY_EVERY_S
+                if _resident(proc.pid) > limits.memory_bytes:
+                    kill("memory")
             if give_up is not None and now >= give_up:
                 break
-            wait = (give_up if verdict else deadline) - now
+            wait = (give_up if verdict else min(deadline, next_check)) - now
             if exit_fd is None:
                 wait = min(wait, 0.01)
             for key, _ in sel.select(max(wait, 0)):
@@ -308,6 +316,35 @@ def _tree(procs: dict[int, tuple[int, float]], root: int) -> list[int]:
             out.append(pid)
             frontier += [c for c, (p, _) in procs.items() if p == pid]
     return out
+
+
+def _resident(root: int) -> int:
+    """Bytes of memory held by `root` and its descendants: the sum of their proportional set sizes
+    (shared pages split between the sharers), via /proc/PID/task/PID/children where the kernel has
+    it (CONFIG_PROC_CHILDREN), else a scan of /proc."""
+    if os.path.exists(f"/proc/{root}/task/{root}/children"):
+        pids, frontier = [], [root]
+        while frontier:
+            pid = frontier.pop()
+            pids.append(pid)
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+                    frontier += map(int, f.read().split())
+            except OSError:
+                pass
+    else:
+        pids = _tree(_processes(), root)
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) << 10
+                        break
+        except OSError:
+            pass
+    return total
 
 
 def _pidfd(pid: int) -> int | None:
