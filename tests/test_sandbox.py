@@ -26,8 +26,9 @@ def test_statuses():
     assert (r.status, r.exit_code) == ("killed", -11)
     r = run("import time\ntime.sleep(30)", timeout_s=0.5)
     assert (r.status, r.exit_code) == ("timeout", -9) and 0.5 <= r.wall_s < 3
-    r = run("print('y' * 100000)", output_bytes=1000)
-    assert r.status == "output_limit" and r.stdout == "y" * 1000
+    r = run("print('y' * 100000)", output_bytes=10)
+    assert r.status == "output_limit" and r.stdout == "y" * 10
+    assert run("print('y' * 9)", output_bytes=10).stdout == "y" * 9 + "\n"
     assert run("print(1)\nexit(4)\nprint(2)").exit_code == 4   # site's exit() exists without site
 
 

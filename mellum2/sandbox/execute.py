@@ -210,7 +210,7 @@ def _watch(proc: subprocess.Popen, box: Backend, start_r: int, info_r: int, limi
                 elif streams[fd] is not None:
                     buf = streams[fd]
                     buf += data
-                    if len(buf) > cap:
+                    if len(buf) > cap and fd != info_r:
                         del buf[cap:]
                         kill("output_limit")
                         data = b""   # stop reading: the writer is being killed
