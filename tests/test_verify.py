@@ -178,6 +178,9 @@ def test_tool_calls():
     bad_args = message({"function": {"name": "get_time", "arguments": "{tz: CET}"}}, both[0])
     assert score(task, bad_args)[1].startswith("arguments of 'get_time' are not JSON")
     assert score({"kind": "tool", "expected_calls": []}, message())[0] == 1.0
+    raw = ('<think>\nweather first\n</think>\n\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n'
+           '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    assert score(task, raw) == (1.0, "2 calls match")   # raw text goes through mellum2.chat.parse
     # numbers compare as JSON values: 2 and 2.0 are the same argument
     assert score({"kind": "tool", "expected_calls": [{"name": "f", "arguments": {"n": 2}}]},
                  message(call("f", n=2.0)))[0] == 1.0

@@ -11,10 +11,10 @@
 | "json" | `schema`: a JSON Schema; the reply must be JSON valid against it                               |
 | "tool" | `expected_calls`: `[{"name", "arguments": {...}}]`; `ordered` (default False: any order)      |
 
-`reply` is the model's text or the parsed assistant message (`{"content", "reasoning_content",
-"tool_calls", "errors"}`, OpenAI-shaped, as `mellum2.chat.parse` returns); math, code and json read
-its `content` (reasoning is never scored), tool reads its `tool_calls`. In raw text a leading
-`<think>...</think>` span is dropped.
+`reply` is the parsed assistant message (`{"content", "reasoning_content", "tool_calls", "errors"}`,
+OpenAI-shaped, as `mellum2.chat.parse` returns it) or the model's raw text, which is parsed with
+`mellum2.chat.parse` first (pass the message instead where the prompt opened the think span); math,
+code and json read its `content` (reasoning is never scored), tool reads its `tool_calls`.
 
 Extraction rules. Code: the last fenced block tagged python (py, python3), else the last untagged
 fenced block, else the whole reply; an unclosed python fence (a truncated reply) runs to the end.
@@ -41,6 +41,7 @@ import secrets
 import threading
 from collections.abc import Mapping
 
+from mellum2.chat import parse as parse_chat
 from mellum2.errors import UsageError
 from mellum2.sandbox import run_many
 
@@ -49,7 +50,6 @@ CODE_TIMEOUT_S = 5.0
 CODE_MEMORY_MB = 512
 MAX_ANSWER_CHARS = 1000
 
-_THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.S)
 _OPEN_PY = re.compile(r"```[ \t]*(?:python3?|py)[^\n]*\n(.*)\Z", re.S)
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.I)
@@ -78,10 +78,12 @@ def _field(task: Mapping, name: str):
     return task[name]
 
 
+def _message(reply: str | Mapping) -> Mapping:
+    return reply if isinstance(reply, Mapping) else parse_chat(reply)
+
+
 def _content(reply: str | Mapping) -> str:
-    if isinstance(reply, Mapping):
-        return reply.get("content") or ""
-    return _THINK.sub("", reply, count=1)
+    return _message(reply).get("content") or ""
 
 
 # --- code -----------------------------------------------------------------------------------------
@@ -260,10 +262,7 @@ def score_json(reply: str, schema: Mapping) -> tuple[float, str]:
 # --- tool calls -------------------------------------------------------------------------------------
 
 def score_tool(reply: str | Mapping, expected: list, *, ordered: bool = False) -> tuple[float, str]:
-    if isinstance(reply, str):
-        # optional: the chat parser lives in mellum2.chat; a dict from it is the usual input
-        from mellum2.chat import parse as parse_chat
-        reply = parse_chat(reply)
+    reply = _message(reply)
     if not isinstance(expected, list) or not all(isinstance(c, Mapping) and "name" in c for c in expected):
         raise UsageError("task field 'expected_calls': expected a list of {name, arguments}")
     if reply.get("errors"):
