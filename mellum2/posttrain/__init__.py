@@ -6,13 +6,15 @@ Instruct or Thinking variant (sft_examples.py; docs/chat.md).
 The embedded post-training data (docs/posttrain.md): `sft_conversations` (SFT conversations, train /
 held-out), `sft_eval_prompts` + `check_reply` (held-out prompts with what a reply must contain),
 `rl_tasks` (RL prompts with verifiable answers), `read_conversations` / `load_conversations` (SFT data
-files: OpenAI, ShareGPT, Hugging Face datasets).
+files: OpenAI, ShareGPT, Hugging Face datasets); `score(task, reply)`, the verifiable reward
+(verify.py; docs/sandbox.md).
 """
 from .formats import DataFormatError, ReadStats, load_conversations, read_conversations
 from .rltasks import rl_tasks
 from .sft_examples import MODES, sft_examples
 from .sftdata import sft_conversations
 from .sfteval import check_reply, sft_eval_prompts
+from .verify import score  # the RL reward: score(task, reply) -> (reward, reason); docs/sandbox.md
 
 __all__ = ["sft_examples", "MODES", "sft_conversations", "sft_eval_prompts", "check_reply", "rl_tasks",
-           "read_conversations", "load_conversations", "ReadStats", "DataFormatError"]
+           "read_conversations", "load_conversations", "ReadStats", "DataFormatError", "score"]
