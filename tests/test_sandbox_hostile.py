@@ -256,7 +256,7 @@ def test_no_root_powers():
     def watch():   # while it sleeps, look at the sandbox's processes from the host
         import time
         for _ in range(200):
-            pids = [p for p, _ in leftovers(token)]
+            pids = [p for p, cmd in leftovers(token) if token in cmd]   # the sandbox's own child
             if pids:
                 seen["status"] = open(f"/proc/{pids[0]}/status").read()
                 return
