@@ -120,6 +120,9 @@ def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto",
     if d.enabled:
         from torch.distributed.fsdp import fully_shard  # torch.distributed: see the module docstring
 
+        for m in model.modules():  # unsharded weights are transient under FSDP: nothing to keep
+            if isinstance(m, Experts):
+                m.cache_gate_up = False
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
