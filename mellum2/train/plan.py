@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed share of peak the matmuls reach")
+    ap.add_argument("--no-mtp", action="store_true", help="plan the trunk alone (the config's MTP layer off)")
     ap.add_argument("--json", action="store_true", help="print only the JSON object")
     a = ap.parse_args(argv)
     gpu = GPUS.get(a.gpu.lower())
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = GPU(a.peak_tflops or gpu.bf16_tflops, 2 * (a.peak_tflops or gpu.bf16_tflops) if a.peak_tflops else
                   gpu.fp8_tflops, a.mem_gib or gpu.mem_gib, a.link_gbs or gpu.intra_gbs, a.link_gbs or gpu.inter_gbs)
     cfg = load_config(a.config)
+    if a.no_mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     lay = Layout(gpus=a.gpus, ep=a.ep, fsdp=not a.no_fsdp, ac=a.ac, fp8=a.fp8, micro_batch=a.micro_batch,
                  seq=a.seq, grad_accum=a.grad_accum)
     r = plan(cfg, gpu, lay, a.mfu)
