@@ -459,7 +459,8 @@ class Engine:
         self._n_S = torch.zeros(S, dtype=torch.long, device=dev)
         self._drafts_Sk = torch.zeros(S, self.k, dtype=torch.long, device=dev)
         self._q_SkV, self._q_ok = None, [False] * S
-        self.prefix.clear()
+        if p is not None and (p.dtype, p.device) != (self.dtype, self.device):
+            self.prefix.clear()  # its blocks are in the old dtype / on the old device
         return True
 
     def _view(self, a: int, b: int, fresh: bool = False) -> KVCache:
