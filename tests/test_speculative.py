@@ -242,11 +242,11 @@ def test_compiled_greedy_speculation_equals_plain_greedy(trained, k):
         res = eng.generate(prompts, params, speculative=True, draft_tokens=k)
         assert [r.tokens for r in res] == want
         assert res[0].stats.drafted > 0 and res[0].stats.accepted > 0
-    assert any(key[:2] == ("spec", k) for key in eng._compiled)
+    assert any(key[:2] == ("spec", k) for key in eng.compiled.graphs)
 
 
 def test_context_buckets():
-    from mellum2.infer.engine import _bucket
+    from mellum2.infer.steps import bucket as _bucket
 
     assert [_bucket(h, 4096) for h in (1, 128, 129, 256, 257, 3000, 5000)] == [128, 128, 256, 256, 512, 4096, 4096]
     assert _bucket(100, 64) == 64
@@ -261,4 +261,4 @@ def test_compile_engine_sampled_speculation_runs_eagerly_on_its_static_cache(tra
     got = [r.tokens for r in eng.generate(PROMPTS, params, speculative=True, draft_tokens=2)]
     assert got == want
     assert eng.pool is not None and eng.pool.capacity >= trained.cfg.max_position_embeddings
-    assert not eng._compiled  # nothing was compiled
+    assert not eng.compiled.graphs  # nothing was compiled

@@ -45,12 +45,14 @@ import torch
 
 from mellum2.model.transformer import Mellum2
 
-from .forward import Fast, Reference, _one_row_gemms
+from .forward import Fast, Reference
 from .kvcache import KVCache
 from .prefix import PrefixCache
 from .request import DECODE, FINISHED, PREFILL, WAITING, Delta, Request, Result, Stats
 from .sampling import Sampler, SamplingParams
 from .speculative import draft, gather_rows, speculative_step
+from .batch import Generation
+from .steps import CompiledSteps
 
 __all__ = ["Engine", "Generation", "Delta", "Result", "Stats", "engine_for"]
 
@@ -101,8 +103,7 @@ class Engine:
             self.set_draft_vocab(draft_vocab)
         self._versions = self._weight_versions()
         self.compile = compile
-        self.compile_s = 0.0  # seconds spent compiling steps so far
-        self._compiled: dict = {}  # ("plain", a, b, hi) / ("spec", k, a, b, hi) -> a compiled step
+        self.compiled = CompiledSteps(self.fwd, self.device)  # used when compile=True
         self.prefix = PrefixCache(prefix_block, prefix_cache_tokens // prefix_block)
         # the pool and its per-row device state (row = slot; see the module docstring)
         self.pool: KVCache | None = None
@@ -136,6 +137,11 @@ class Engine:
         return self.model.lm_head.weight.dtype
 
     @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling steps so far."""
+        return self.compiled.compile_s
+
+    @property
     def has_mtp(self) -> bool:
         return self.model.mtp is not None
 
@@ -163,7 +169,8 @@ class Engine:
                 raise ValueError(f"Engine.set_draft_vocab: expected a non-empty list of ids in "
                                  f"[0, {self.cfg.vocab_size})")
         self.fwd.set_draft_vocab(ids)
-        self._compiled = {}  # compiled speculative steps traced the old draft head
+        if hasattr(self, "compiled"):
+            self.compiled.clear()  # compiled speculative steps traced the old draft head
 
     def _set_mode(self, speculative: bool, k: int) -> None:
         """Speculation on/off and k for every request; only while no request is in the engine."""
@@ -317,7 +324,7 @@ class Engine:
             speculative=self.speculative, draft_tokens=self.k if self.speculative else 0,
             acceptance=t["accepted"] / t["drafted"] if t["drafted"] else 0.0,
             prefix_cache_blocks=len(self.prefix), prefix_cache_bytes=self.prefix.nbytes(),
-            compile_s=self.compile_s, **t)
+            compile_s=self.compile_s, compiled_graphs=len(self.compiled.graphs), **t)
 
     # ------------------------------------------------------------------ validation
     def _validate(self, prompt_ids, params: SamplingParams, detok, label: str) -> list[int]:
@@ -453,7 +460,8 @@ class Engine:
             if p is not None and (p.dtype, p.device) == (self.dtype, self.device):
                 cap = max(cap, p.capacity)
         self.pool = KVCache(self.cfg, rows, cap, self.dtype, self.device, step_tokens=kk, mtp=self.speculative)
-        self._views, self._compiled = {}, {}  # compiled steps captured the old pool's views
+        self._views = {}
+        self.compiled.clear()  # compiled steps captured the old pool's views
         S, dev = rows, self.device
         self._tok_S1 = torch.zeros(S, 1, dtype=torch.long, device=dev)
         self._n_S = torch.zeros(S, dtype=torch.long, device=dev)
@@ -477,7 +485,8 @@ class Engine:
             r.slot, r.state = len(self._rows), PREFILL
             self._rows.append(r)
             self.pool.clear_row(r.slot)
-            self._load_prefix(r)
+            n = self.prefix.load(self.pool, r, mtp=self.speculative)
+            self.totals["cached_tokens"] += n
 
     def _compact(self) -> None:
         """Drop finished rows; move later rows down into the holes (rows stay contiguous)."""
@@ -522,14 +531,17 @@ class Engine:
         hi = max(r.n for r in rows) + (k + 1 if self.speculative else 1)
         extra = None
         if not self.speculative:
-            logits_BTV = self._plain_step(view, a)(tok_B1, n_B[:, None], hi)
+            if self.compile:
+                logits_BTV = self.compiled.plain(view, a, tok_B1, n_B[:, None], hi)
+            else:
+                logits_BTV = self.fwd.head(self.fwd.trunk(tok_B1, n_B[:, None], view, hi=hi))
             out_BT, p_BTV = sampler.sample_with_probs(logits_BTV)
             self._tok_S1[a:b], self._n_S[a:b] = out_BT, n_B + 1
             m_host = [0] * B
         else:
             extra = self._drafts_Sk[a:b].clone()  # what this step verifies (the penalties' context)
             if sampler.plain_greedy and self.compile:
-                res = self._spec_compiled(view, a, tok_B1, extra, n_B, hi)
+                res = self.compiled.speculative(view, a, k, tok_B1, extra, n_B, hi)
             else:
                 q = None if sampler.plain_greedy else self._q_rows(a, b)
                 res = speculative_step(self.fwd, sampler, view, tok_B1, extra, q, n_B, k, hi)
@@ -635,7 +647,7 @@ class Engine:
             next_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, -1:]], 1).scatter(1, last_B[:, None], nxt_B[:, None])
             y_BD = self.fwd.mtp(h_BTD, next_BT, pos_BT, view, hi=hi, pick_B=last_B)[:, 0]
         if capture:
-            self._keep_capture(rows, takes, view.capture)
+            self.prefix.keep(rows, takes, view.capture)
             view.capture = None
         for r, t in zip(rows, takes):
             r.done_prompt += t
@@ -651,104 +663,10 @@ class Engine:
             self._set_q(a, a + c, q)
         for r in rows[:c]:
             r.state, r.n = DECODE, len(r.prompt)
-            self._store_prefix(r)
+            self.prefix.store(r)
         self._emit(rows[:c], tok_c1, logits_c1V, p_c1V, sampler, [0] * c, deltas)
         if sampler.penalties:
             sampler.observe(tok_c1)
-
-    # ------------------------------------------------------------------ prefix cache
-    def _load_prefix(self, r: Request) -> None:
-        """Copy the cached KV of r's leading prompt blocks into its row (module docstring of prefix.py)."""
-        if not self.prefix.max_blocks:
-            return
-        bs = self.prefix.block
-        blocks = self.prefix.lookup(r.prompt, (len(r.prompt) - 1) // bs)
-        r.hit_blocks = len(blocks)
-        r.captured = {}
-        if not blocks:
-            return
-        m = len(blocks) * bs
-        kv = [(torch.cat([blk.kv[i][0] for blk in blocks], 1), torch.cat([blk.kv[i][1] for blk in blocks], 1))
-              for i in range(len(blocks[0].kv))]
-        self.pool.load_row(r.slot, kv, m)
-        # the MTP layer's entry at the hit's last position depends on the next token: recompute it
-        r.done_prompt = m - 1 if self.speculative else m
-        r.res.stats.cached_tokens += r.done_prompt
-        self.totals["cached_tokens"] += r.done_prompt
-
-    def _keep_capture(self, rows, takes, capture) -> None:
-        for i, (r, t) in enumerate(zip(rows, takes)):
-            if r.captured is None:
-                continue
-            for layer, k_BGTd, v_BGTd in capture:
-                r.captured.setdefault(layer, []).append((k_BGTd[i, :, :t], v_BGTd[i, :, :t]))
-
-    def _store_prefix(self, r: Request) -> None:
-        if r.captured is None:
-            return
-        cap, r.captured = r.captured, None
-        s = len(r.prompt) - sum(k.shape[1] for k, _ in cap[0])  # first position computed (after a hit)
-        layers = sorted(cap)
-        kv = {i: (torch.cat([k for k, _ in cap[i]], 1), torch.cat([v for _, v in cap[i]], 1)) for i in layers}
-        bs = self.prefix.block
-
-        def block(j):
-            lo, hi = j * bs - s, (j + 1) * bs - s
-            return [(kv[i][0][:, lo:hi].clone(), kv[i][1][:, lo:hi].clone()) for i in layers]
-
-        self.prefix.insert(r.prompt, r.hit_blocks, block)
-
-    # ------------------------------------------------------------------ (compiled) steps
-    def _plain_step(self, view, a: int):
-        """The plain decode step (trunk + head on one token per row); compiled when asked."""
-        fwd = self.fwd
-        if not self.compile:
-            return lambda ids, pos, hi: fwd.head(fwd.trunk(ids, pos, view, hi=hi))
-        one_row = isinstance(fwd, Fast) and fwd._bf16_cpu and view.batch == 1
-
-        def make(hi):  # the step for one context bucket (a host int: static in the graph)
-            def step(ids, pos):
-                return fwd.head(fwd.trunk(ids, pos, view, hi=hi))
-            return step
-
-        def run(ids, pos, hi):
-            hb = _bucket(hi, view.capacity)
-            with _one_row_gemms(one_row):
-                return self._call_compiled(("plain", a, a + view.batch, hb), lambda: make(hb), ids, pos)
-        return run
-
-    def _spec_compiled(self, view, a: int, tok_B1, drafts_Bk, n_B, hi):
-        """`speculative_step` for plain greedy rows as one compiled graph (no host sync inside)."""
-        fwd, k = self.fwd, self.k
-        hb = _bucket(hi + k + 1, view.capacity)
-
-        def make():
-            def step(tok_B1, drafts_Bk, n_B):
-                return speculative_step(fwd, None, view, tok_B1, drafts_Bk, None, n_B, k, hb)
-            return step
-        return self._call_compiled(("spec", k, a, a + view.batch, hb), make, tok_B1, drafts_Bk, n_B)
-
-    def _call_compiled(self, key, build, *args):
-        """Call the compiled step `key`, compiling build() at its first call. Every batch size and
-        context bucket recompiles the same Python function, so the first call lifts dynamo's
-        per-function recompile limit (8)."""
-        if self.device.type == "cuda":  # a new CUDA-graph step: the previous step's outputs were consumed
-            torch.compiler.cudagraph_mark_step_begin()
-        fn = self._compiled.get(key)
-        if fn is not None:
-            return fn(*args)
-        fn = self._compiled[key] = self._compile(build())
-        t0 = time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
-            out = fn(*args)
-        self.compile_s += time.perf_counter() - t0  # compiling (one step's run is noise next to it)
-        return out
-
-    def _compile(self, fn):
-        if self.device.type == "cuda":
-            return torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
-        # a C++ wrapper calls the kernels: no Python per kernel (1.2x the Python wrapper here)
-        return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
     # ------------------------------------------------------------------ batched calls (thin loops)
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -758,80 +676,6 @@ class Engine:
         for _ in run:
             pass
         return run.results
-
-
-def _bucket(hi: int, capacity: int) -> int:
-    """The compiled steps attend over the first `bucket` slots of the full layers: hi rounded up to a
-    power of two (at least 128), at most the capacity, so a few graphs cover every context length
-    and a short context does not pay for attending over the whole static cache."""
-    b = 128
-    while b < hi:
-        b *= 2
-    return min(b, capacity)
-
-
-class Generation:
-    """One batched generate call over the engine's request API: an iterator of Deltas (`.row` = the
-    prompt's index); `.results` (in prompt order) and `.stats` (shared by the rows) when done."""
-
-    def __init__(self, engine: Engine, prompts, params, speculative, draft_tokens, detokenize):
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("generate: no prompts given")
-        if params is None:
-            params = SamplingParams()
-        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(params) != len(prompts):
-            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
-        if draft_tokens < 1:
-            raise ValueError(f"generate: draft_tokens must be >= 1, got {draft_tokens}")
-        detok = detokenize or engine.detokenize
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            engine._validate(p, sp, detok, f"prompt {i}")
-        engine._set_mode(speculative, draft_tokens)
-        self.engine = engine
-        self.stats = Stats(prompt_tokens=sum(map(len, prompts)), speculative=engine.speculative,
-                           draft_tokens=engine.k if engine.speculative else 0, notice=engine.notice)
-        self._q: queue.Queue = queue.Queue()
-        self._row: dict[str, int] = {}
-        self.results: list[Result] = []
-        self._steps0, self._compile0 = engine.totals["steps"], engine.compile_s
-        self._t0 = time.perf_counter()
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            rid = engine.submit(p, sp, detokenize=detok, callback=self._q.put, stats=self.stats)
-            self._row[rid] = i
-            self.results.append(engine._reqs[rid].res)
-        self._left = len(prompts)
-        self._it = None
-
-    def __iter__(self) -> Iterator[Delta]:
-        if self._it is None:
-            self._it = self._run()
-        return self._it
-
-    def _run(self) -> Iterator[Delta]:
-        eng, s = self.engine, self.stats
-        firsts = 0
-        t_first = None
-        for d in eng._follow_all(self._q, lambda: self._left > 0):
-            d.row = self._row[d.request_id]
-            if d.finished:
-                self._left -= 1
-            if d.token_ids and firsts < len(self._row) and len(self.results[d.row].tokens) == len(d.token_ids):
-                firsts += 1
-                if firsts == len(self._row):
-                    t_first = time.perf_counter()
-            yield d
-        t1 = time.perf_counter()
-        t_first = t_first or t1
-        s.prefill_s, s.decode_s = t_first - self._t0, t1 - t_first
-        s.compile_s = eng.compile_s - self._compile0
-        s.steps = eng.totals["steps"] - self._steps0
-        s.decode_tokens = s.new_tokens - sum(1 for r in self.results if r.tokens)
-
-
 
 
 ATTR = "_mellum2_engine"

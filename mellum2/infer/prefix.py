@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
+
 
 class Block:
     __slots__ = ("tokens", "parent", "kv")
@@ -91,6 +93,51 @@ class PrefixCache:
                 self.blocks[h] = Block(toks, names[j - 1][0] if j else None, kv_of_block(j))
         while len(self.blocks) > self.max_blocks:
             self.blocks.popitem(last=False)
+
+    # ------------------------------------------------------------------ the engine's side
+    def load(self, pool, r, mtp: bool) -> int:
+        """Copy the cached KV of request r's leading prompt blocks into its pool row; start its prefill
+        after them (at the hit's last position when the MTP layer needs it recomputed). Returns the
+        prompt tokens not to compute. From then on r's prefill k/v are captured (`keep`)."""
+        if not self.max_blocks:
+            return 0
+        blocks = self.lookup(r.prompt, (len(r.prompt) - 1) // self.block)
+        r.hit_blocks, r.captured = len(blocks), {}
+        if not blocks:
+            return 0
+        m = len(blocks) * self.block
+        kv = [(torch.cat([b.kv[i][0] for b in blocks], 1), torch.cat([b.kv[i][1] for b in blocks], 1))
+              for i in range(len(blocks[0].kv))]
+        pool.load_row(r.slot, kv, m)
+        r.done_prompt = m - 1 if mtp else m
+        r.res.stats.cached_tokens += r.done_prompt
+        return r.done_prompt
+
+    @staticmethod
+    def keep(rows, takes, capture) -> None:
+        """Keep each prefilling row's k/v of this chunk (capture: (layer, k_BGTd, v_BGTd) per attention
+        call; row i's real tokens are its first takes[i])."""
+        for i, (r, t) in enumerate(zip(rows, takes)):
+            if r.captured is None:
+                continue
+            for layer, k_BGTd, v_BGTd in capture:
+                r.captured.setdefault(layer, []).append((k_BGTd[i, :, :t], v_BGTd[i, :, :t]))
+
+    def store(self, r) -> None:
+        """r's prompt is prefilled: store its new whole blocks."""
+        if r.captured is None:
+            return
+        cap, r.captured = r.captured, None
+        layers = sorted(cap)
+        kv = {i: (torch.cat([k for k, _ in cap[i]], 1), torch.cat([v for _, v in cap[i]], 1)) for i in layers}
+        s = len(r.prompt) - kv[layers[0]][0].shape[1]  # first position computed (after a hit)
+        bs = self.block
+
+        def block(j):
+            lo, hi = j * bs - s, (j + 1) * bs - s
+            return [(kv[i][0][:, lo:hi].clone(), kv[i][1][:, lo:hi].clone()) for i in layers]
+
+        self.insert(r.prompt, r.hit_blocks, block)
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for b in self.blocks.values() for k, _ in b.kv)
