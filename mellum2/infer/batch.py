@@ -60,15 +60,23 @@ class Generation:
         eng, s = self.engine, self.stats
         firsts = 0
         t_first = None
-        for d in eng._follow_all(self._q, lambda: self._left > 0):
-            d.row = self._row[d.request_id]
-            if d.finished:
-                self._left -= 1
-            if d.token_ids and firsts < len(self._row) and len(self.results[d.row].tokens) == len(d.token_ids):
-                firsts += 1
-                if firsts == len(self._row):
-                    t_first = time.perf_counter()
-            yield d
+        try:
+            for d in eng._follow_all(self._q, lambda: self._left > 0):
+                d.row = self._row[d.request_id]
+                if d.finished:
+                    self._left -= 1
+                if d.token_ids and firsts < len(self._row) and len(self.results[d.row].tokens) == len(d.token_ids):
+                    firsts += 1
+                    if firsts == len(self._row):
+                        t_first = time.perf_counter()
+                yield d
+        finally:
+            if self._left:  # abandoned (an exception or a break in the caller): its requests go
+                for rid, i in self._row.items():
+                    if self.results[i].finish_reason is None:
+                        eng.cancel(rid)
+                if eng._thread is None:
+                    eng.step()
         t1 = time.perf_counter()
         t_first = t_first or t1
         s.prefill_s, s.decode_s = t_first - self._t0, t1 - t_first

@@ -536,6 +536,8 @@ class Engine:
             else:
                 logits_BTV = self.fwd.head(self.fwd.trunk(tok_B1, n_B[:, None], view, hi=hi))
             out_BT, p_BTV = sampler.sample_with_probs(logits_BTV)
+            if sampler.penalties:
+                sampler.observe(out_BT)
             self._tok_S1[a:b], self._n_S[a:b] = out_BT, n_B + 1
             m_host = [0] * B
         else:
@@ -551,8 +553,6 @@ class Engine:
             m_host = m_B.tolist()
         self.totals["steps"] += 1
         self._emit(rows, out_BT, logits_BTV, p_BTV, sampler, m_host, deltas, extra)
-        if not self.speculative and sampler.penalties:
-            sampler.observe(out_BT)  # (after the logprobs: "processed" ones are before this token)
         for r, m in zip(rows, m_host):
             r.n += m + 1
             if self.speculative:
@@ -638,6 +638,8 @@ class Engine:
             logits_c1V = self.fwd.head(gather_rows(h_BTD[:c], last_B[:c])[:, None])
             sampler = self._sampler_for(rows[:c])
             tok_c1, p_c1V = sampler.sample_with_probs(logits_c1V)
+            if sampler.penalties:
+                sampler.observe(tok_c1)
         if self.speculative:
             # the MTP layer over the chunk: (h_t, x_{t+1}); x after a completed prompt is the sampled token
             nxt = [r.prompt[s + t] if s + t < len(r.prompt) else 0 for r, s, t in zip(rows, starts, takes)]
@@ -665,8 +667,6 @@ class Engine:
             r.state, r.n = DECODE, len(r.prompt)
             self.prefix.store(r)
         self._emit(rows[:c], tok_c1, logits_c1V, p_c1V, sampler, [0] * c, deltas)
-        if sampler.penalties:
-            sampler.observe(tok_c1)
 
     # ------------------------------------------------------------------ batched calls (thin loops)
     def generate(self, prompts: Sequence[Sequence[int]],
