@@ -30,7 +30,7 @@ from mellum2 import atomic
 from mellum2.allocator import keep_freed_memory
 from mellum2.errors import DiskError, MellumError, describe_os_error, run_stage
 from mellum2.model import Mellum2, ModelConfig
-from mellum2.model.accounting import flops_per_token
+from mellum2.model.accounting import check_memory, flops_per_token
 from mellum2.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
@@ -49,6 +49,10 @@ from .trainer import Trainer
 # peak learning rate per preset when --lr is not given (Mellum 2's 3e-4 is for the 12B model; the
 # small presets were tuned on the embedded corpus, see docs/train.md)
 DEFAULT_LR = {"mellum2-12b": 3e-4, "mellum2-12b-8k": 3e-4, "tiny": 3e-3, "test-small": 3e-3, "test-small2": 3e-3}
+
+# bytes per parameter a training process holds (fp32 weights + gradients + AdamW's two moments; Muon
+# keeps one), before activations: what `check_memory` compares with the memory available
+TRAIN_BYTES_PER_PARAM = 16
 
 # what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes)
 DEMO_ARGS = ["--preset", "tiny", "--max-steps", "240", "--batch-size", "8", "--seq-len", "512",
@@ -291,6 +295,9 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
                           repo_fim_rate=args.repo_fim_rate)
 
     # ---- model, parallelism, optimisers
+    # fp32 weights, gradients and up to two optimiser moments per parameter, sharded over the ranks by FSDP
+    check_memory(cfg, TRAIN_BYTES_PER_PARAM / d.world, d.device, what="training state (weights, gradients, optimiser)",
+                 where=str(args.config or f"--preset {args.preset}") if not long_ctx else str(src))
     if found is not None:
         model = ckpt.load_model(found)
     elif long_ctx:
