@@ -205,6 +205,10 @@ def _pretrain(args) -> Path:
         cfg = _model_config(args)
     args.seq_len = args.seq_len or min(cfg.max_position_embeddings, 8192)
     _check_args(args, cfg)
+    # fp32 weights, gradients and up to two optimiser moments per parameter, sharded over the ranks by FSDP;
+    # checked before anything is allocated (the synthetic loader's tables grow with vocab_size too)
+    check_memory(cfg, TRAIN_BYTES_PER_PARAM / d.world, d.device, what="training state (weights, gradients, optimiser)",
+                 where=str(args.config or f"--preset {args.preset}") if not long_ctx else str(src))
     out = Path(args.out or (f"{str(args.from_).rstrip('/')}-long" if long_ctx else f"runs/{args.preset}"))
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out}: exists and is not a directory")
@@ -295,9 +299,6 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
                           repo_fim_rate=args.repo_fim_rate)
 
     # ---- model, parallelism, optimisers
-    # fp32 weights, gradients and up to two optimiser moments per parameter, sharded over the ranks by FSDP
-    check_memory(cfg, TRAIN_BYTES_PER_PARAM / d.world, d.device, what="training state (weights, gradients, optimiser)",
-                 where=str(args.config or f"--preset {args.preset}") if not long_ctx else str(src))
     if found is not None:
         model = ckpt.load_model(found)
     elif long_ctx:
