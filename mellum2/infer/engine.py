@@ -67,8 +67,9 @@ class Engine:
     fast: the decode fast path (forward.Fast) instead of the model's own trunk code (Reference).
     max_num_seqs: rows of the KV pool (requests decoding at once; more wait). None: grown to the
       requests at hand whenever the engine is idle (what a batched `generate` wants).
-    max_model_len: longest prompt + max_new_tokens accepted (default: the model's context); with
-      max_num_seqs it fixes the pool's size. None: each pool is sized to the requests at hand.
+    max_model_len: longest prompt + max_new_tokens accepted (default: the model's context). With
+      either of the two set, the pool is max_num_seqs (or as needed) rows of max_model_len (or the
+      model's context) positions; with neither, each pool is sized to the requests at hand.
     prefill_chunk: prompt tokens prefilled per step (all admitted requests together).
     speculative, draft_tokens: MTP self-speculative decoding with k drafts for every request (when the
       model has an MTP head; `generate(speculative=...)` switches it while the engine is idle).
@@ -453,8 +454,8 @@ class Engine:
         rows = self.max_num_seqs or max(min(len(self._waiting), AUTO_ROWS), p.batch if p is not None else 1)
         if self.compile:
             cap = self.cfg.max_position_embeddings + 2 * self.k + 1
-        elif self.max_model_len is not None:
-            cap = self.max_model_len + 2 * self.k + 1
+        elif self.max_model_len is not None or self.max_num_seqs is not None:
+            cap = (self.max_model_len or self.cfg.max_position_embeddings) + 2 * self.k + 1
         else:
             cap = max(self._need(r) for r in list(self._waiting)[:rows])
             if p is not None and (p.dtype, p.device) == (self.dtype, self.device):
