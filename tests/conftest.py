@@ -22,3 +22,51 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------- the server
+SERVE_TEXTS = ["Hello! How can I help you today?\n", "def add(a, b):\n    return a + b\n",
+               "The answer is 42.\n", "for i in range(10):\n    print(i)\n"] * 20
+
+
+@pytest.fixture(scope="session")
+def serve_model(tmp_path_factory):
+    """A tiny random-weight model with an MTP head and a BPE tokenizer, saved as a checkpoint
+    directory: (dir, model, tokenizer)."""
+    from mellum2 import Mellum2, ModelConfig
+    from mellum2.tokenizer import train_bpe
+
+    d = tmp_path_factory.mktemp("serve") / "tiny"
+    tok = train_bpe(SERVE_TEXTS, 320)
+    g = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("test-small", vocab_size=320, max_position_embeddings=256, eos_token_id=28)
+    m = Mellum2(cfg).eval()
+    torch.random.set_rng_state(g)
+    m.save_pretrained(d)
+    tok.save(d)
+    return d, m, tok
+
+
+@pytest.fixture
+def make_server(serve_model):
+    """make_server(**make_state options) -> a started ThreadedServer (`.url`, `.state`) on a random
+    port of 127.0.0.1, closed after the test."""
+    from mellum2.serve.app import build_app
+    from mellum2.serve.server import ThreadedServer, make_state
+
+    open_ = []
+
+    def make(**kw):
+        _, m, tok = serve_model
+        kw.setdefault("name", "tiny")
+        state = make_state(m, tok, **kw)
+        srv = ThreadedServer(build_app(state)).__enter__()
+        srv.state = state
+        open_.append(srv)
+        return srv
+
+    yield make
+    for srv in open_:
+        srv.__exit__(None, None, None)
+        srv.state.backend.close()
