@@ -40,7 +40,7 @@ def serve_model(tmp_path_factory):
     tok = train_bpe(SERVE_TEXTS, 320)
     g = torch.random.get_rng_state()
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("test-small", vocab_size=320, max_position_embeddings=256, eos_token_id=28)
+    cfg = ModelConfig.from_preset("test-small", vocab_size=320, max_position_embeddings=1024, eos_token_id=28)
     m = Mellum2(cfg).eval()
     torch.random.set_rng_state(g)
     m.save_pretrained(d)
