@@ -87,6 +87,8 @@ class Backend:
         self.engine, self.detok, self.mode = engine, detokenize, mode
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.speculative = bool(speculative) and getattr(engine, "has_mtp", True)
+        if mode == "continuous":  # the scheduler speculates for every request or none (set when built)
+            self.speculative = bool(getattr(engine, "speculative", self.speculative))
         self.draft_tokens = draft_tokens
         self.metrics = metrics or Metrics()
         self._lock = threading.Condition()
@@ -142,6 +144,7 @@ class Backend:
             if h.done or h.cancelled:
                 return
             h.cancelled = True
+            self.metrics.finished("abort", time.perf_counter() - h.t_submit)
             if h in self._waiting:
                 self._waiting.remove(h)
                 h.done = True

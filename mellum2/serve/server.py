@@ -21,9 +21,11 @@ from .common import ServeState
 
 
 def make_engine(model, *, compile: bool = False, draft_vocab=None, max_num_seqs: int = 8,
-                max_model_len: int | None = None, speculative: bool = False, draft_tokens: int = 1) -> Engine:
+                max_model_len: int | None = None, speculative: bool = False, draft_tokens: int = 1,
+                prefix_cache_tokens: int = 0, detokenize=None) -> Engine:
     want = dict(compile=compile, draft_vocab=draft_vocab, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                speculative=speculative, draft_tokens=draft_tokens)
+                speculative=speculative, draft_tokens=draft_tokens, prefix_cache_tokens=prefix_cache_tokens,
+                detokenize=detokenize)
     takes = inspect.signature(Engine.__init__).parameters
     return Engine(model, **{k: v for k, v in want.items() if k in takes and v is not None})
 
@@ -31,8 +33,10 @@ def make_engine(model, *, compile: bool = False, draft_vocab=None, max_num_seqs:
 def make_state(model, tokenizer, *, name: str = "mellum2", api_key: str | None = None, max_num_seqs: int = 8,
                max_waiting: int = 64, max_model_len: int | None = None, speculative: bool = False,
                draft_tokens: int = 1, compile: bool = False, draft_vocab=None, mode: str = "auto",
-               engine=None) -> ServeState:
-    """The server's state over a loaded model and tokenizer; the backend's worker is started."""
+               prefix_cache_tokens: int | None = None, engine=None) -> ServeState:
+    """The server's state over a loaded model and tokenizer; the backend's worker is started.
+    prefix_cache_tokens: prompt tokens the engine's prefix cache may hold (None: 4 full contexts;
+    0: off). mode "static" serves on the engine's one-batch-per-call API even when it can schedule."""
     cfg = model.cfg
     L = cfg.max_position_embeddings if max_model_len is None else max_model_len
     if not 1 <= L <= cfg.max_position_embeddings:
@@ -42,9 +46,12 @@ def make_state(model, tokenizer, *, name: str = "mellum2", api_key: str | None =
         raise ValueError(f"the model's vocab_size {cfg.vocab_size} is smaller than its tokenizer's "
                          f"{tokenizer.vocab_size}")
     speculative = speculative and model.mtp is not None
+    if prefix_cache_tokens is None:
+        prefix_cache_tokens = 4 * L
     if engine is None:
         engine = make_engine(model, compile=compile, draft_vocab=draft_vocab, max_num_seqs=max_num_seqs,
-                             max_model_len=L, speculative=speculative, draft_tokens=draft_tokens)
+                             max_model_len=L, speculative=speculative, draft_tokens=draft_tokens,
+                             prefix_cache_tokens=prefix_cache_tokens, detokenize=tokenizer.decode)
     backend = Backend(engine, tokenizer.decode, max_num_seqs=max_num_seqs, max_waiting=max_waiting,
                       speculative=speculative, draft_tokens=draft_tokens, mode=mode).start()
     return ServeState(backend, tokenizer, name, L, cfg.vocab_size, tuple(cfg.eos_ids), api_key)
