@@ -1,5 +1,7 @@
 """Shared fixtures: tiny configs and deterministic seeds. Tests are hermetic and CPU-only."""
 import os
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,3 +72,42 @@ def make_server(serve_model):
     for srv in open_:
         srv.__exit__(None, None, None)
         srv.state.backend.close()
+
+
+class _ScriptedEngine:
+    """Answers every request with the tokens of `text`, a few per step (the Engine.stream shape)."""
+
+    def __init__(self, tok, text, delay: float = 0.0):
+        self.tok, self.text, self.prompts, self.delay = tok, text, [], delay
+        self.has_mtp = False
+
+    def stream(self, prompts, params, speculative=False, draft_tokens=1, detokenize=None):
+        self.prompts += prompts
+        toks, delay = self.tok.encode(self.text), self.delay
+
+        class Gen:
+            results = [SimpleNamespace(tokens=[], top_logprobs=None, finish_reason=None) for _ in prompts]
+            stats = SimpleNamespace(drafted=0, accepted=0)
+
+            def __iter__(self):
+                for a in range(0, len(toks), 3):
+                    time.sleep(delay)
+                    for b, p in enumerate(params):
+                        piece = toks[a:a + 3]
+                        end = a + 3 >= len(toks) or any(t in p.stop_token_ids for t in piece)
+                        if end:
+                            cut = next((k + 1 for k, t in enumerate(piece) if t in p.stop_token_ids), len(piece))
+                            piece = piece[:cut]
+                        self.results[b].tokens += piece
+                        yield SimpleNamespace(row=b, tokens=piece, logprobs=None, finish_reason="stop" if end else None)
+                    if end:
+                        return
+        return Gen()
+
+
+@pytest.fixture
+def scripted_engine():
+    """A stand-in engine that answers every request with the tokens of a fixed text (tool calls and
+    reasoning, which a random model never writes; or a reply slow enough to stop):
+    scripted_engine(tokenizer, text, delay=seconds per step)."""
+    return _ScriptedEngine

@@ -14,7 +14,6 @@ import torch
 
 from mellum2 import generate
 from mellum2.chat import apply_delta, parse, render
-from mellum2.infer import Delta, Result, Stats
 from mellum2.infer.fim import complete
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -138,46 +137,16 @@ def test_chat_greedy_equals_parsed_generate(make_server, serve_model, think):
 
 
 # ------------------------------------------------------------------ tool calls and reasoning, scripted
-class ScriptedEngine:
-    """Answers every request with the tokens of `text`, a few per step (the Engine.stream shape)."""
-
-    def __init__(self, tok, text):
-        self.tok, self.text, self.prompts = tok, text, []
-        self.has_mtp = False
-
-    def stream(self, prompts, params, speculative=False, draft_tokens=1, detokenize=None):
-        self.prompts += prompts
-        toks = self.tok.encode(self.text)
-
-        class Gen:
-            results = [Result() for _ in prompts]
-            stats = Stats()
-
-            def __iter__(self):
-                for a in range(0, len(toks), 3):
-                    for b, p in enumerate(params):
-                        piece = toks[a:a + 3]
-                        end = a + 3 >= len(toks) or any(t in p.stop_token_ids for t in piece)
-                        if end:
-                            cut = next((k + 1 for k, t in enumerate(piece) if t in p.stop_token_ids), len(piece))
-                            piece = piece[:cut]
-                        self.results[b].tokens += piece
-                        yield Delta(b, piece, None, "stop" if end else None)
-                    if end:
-                        return
-        return Gen()
-
-
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
          {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
 
 
-def test_tool_calls_and_reasoning_message_and_stream(make_server, serve_model):
+def test_tool_calls_and_reasoning_message_and_stream(make_server, serve_model, scripted_engine):
     _, m, tok = serve_model
     text = ('<think>\nThe user wants the weather.\n</think>\n\nLet me check.\n<tool_call>\n{"name": "get_weather", '
             '"arguments": {"city": "Paris"}}\n</tool_call><|im_end|>')
-    srv = make_server(engine=ScriptedEngine(tok, text))
+    srv = make_server(engine=scripted_engine(tok, text))
     c = client(srv)
     kw = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, max_tokens=100)
     r = c.chat.completions.create(**kw)
@@ -204,9 +173,9 @@ def test_tool_calls_and_reasoning_message_and_stream(make_server, serve_model):
     assert json.loads(tc["function"]["arguments"]) == {"city": "Paris"}
 
 
-def test_named_and_required_tool_choice_force_a_call(make_server, serve_model):
+def test_named_and_required_tool_choice_force_a_call(make_server, serve_model, scripted_engine):
     _, m, tok = serve_model
-    eng = ScriptedEngine(tok, '{"a": 1, "b": 2}}\n</tool_call><|im_end|>')
+    eng = scripted_engine(tok, '{"a": 1, "b": 2}}\n</tool_call><|im_end|>')
     c = client(make_server(engine=eng))
     msgs = [{"role": "user", "content": "1 + 2?"}]
     r = c.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=50,
