@@ -320,6 +320,8 @@ class Backend:
                 h.done = True
             for h in new:
                 try:
+                    if self.fault is not None:
+                        self.fault([h])
                     eng.submit(h.prompt_ids, h.params, request_id=h.rid, **self._submit_kw())
                 except Exception as e:  # a request the engine refuses ends alone
                     self._running.pop(h.rid, None)

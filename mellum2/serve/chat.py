@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import logging
+
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mellum2.chat import ChatFormatError, StreamParser, opens_think, render
@@ -26,6 +28,8 @@ from .common import (SSE_DONE, ServeState, check_prompt, collect, error_event, n
                      submit_all, token_str, usage)
 from .protocol import APIError, ChatRequest, bad_request
 from .text import TextStream
+
+log = logging.getLogger("mellum2.serve")
 
 
 def _prompt(state: ServeState, req: ChatRequest) -> tuple[str, str, list[int], tuple[int, ...]]:
@@ -152,6 +156,15 @@ async def create(state: ServeState, req: ChatRequest, request):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events():
+        try:
+            async for e in _events():
+                yield e
+        except Exception as e:  # noqa: BLE001 - a bug while streaming ends this stream only, in the protocol
+            log.exception("streaming %s failed", rid)
+            yield error_event(f"internal error: {type(e).__name__}: {e}")
+            yield SSE_DONE
+
+    async def _events():
         def chunk(i, delta, lp=None, finish=None):
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                         "choices": [{"index": i, "delta": delta, "logprobs": None if lp is None else {"content": lp},

@@ -12,6 +12,8 @@ top_logprobs as {token: logprob}, text_offset); echo puts the prompt text before
 """
 from __future__ import annotations
 
+import logging
+
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mellum2.infer.fim import fim_prompt, fim_stop_ids
@@ -20,6 +22,8 @@ from .common import (SSE_DONE, ServeState, check_prompt, collect, error_event, n
                      submit_all, token_str, usage)
 from .protocol import APIError, CompletionRequest, bad_request
 from .text import TextStream
+
+log = logging.getLogger("mellum2.serve")
 
 
 def _prompts(state: ServeState, req: CompletionRequest) -> list[list[int]]:
@@ -146,6 +150,15 @@ async def create(state: ServeState, req: CompletionRequest, request):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events():
+        try:
+            async for e in _events():
+                yield e
+        except Exception as e:  # noqa: BLE001 - a bug while streaming ends this stream only, in the protocol
+            log.exception("streaming %s failed", rid)
+            yield error_event(f"internal error: {type(e).__name__}: {e}")
+            yield SSE_DONE
+
+    async def _events():
         def chunk(i, text, lp=None, finish=None):
             return sse({"id": rid, "object": "text_completion", "created": created, "model": name,
                         "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
