@@ -72,6 +72,12 @@ class Handle:
         return None if self.t_first is None else self.t_first - self.t_submit
 
 
+def _deliver(items) -> None:
+    """(on the event loop) put each output on its request's queue."""
+    for h, out in items:
+        h.queue.put_nowait((h, out))
+
+
 class Backend:
     """See the module docstring. `engine`: a mellum2 Engine (or anything with its `stream` API, or
     the scheduler's submit/cancel/step API); detokenize: ids -> str, for stop strings."""
@@ -99,6 +105,7 @@ class Backend:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.drafted = self.accepted = 0
+        self._held: list | None = None  # a step's outputs, when they are handed over together
         self.fault: Callable | None = None  # tests: called with each batch's handles before it runs
 
     # ------------------------------------------------------------------ lifecycle
@@ -200,15 +207,34 @@ class Backend:
         if out.finish_reason is not None or out.error is not None:
             h.done = True
             self.metrics.finished(out.finish_reason or "error", now - h.t_submit)
+        if self._held is not None:
+            self._held.append((h, out))
+        else:
+            self._post(h.loop, [(h, out)])
+
+    def _post(self, loop, items) -> None:
         try:
-            h.loop.call_soon_threadsafe(h.queue.put_nowait, (h, out))
+            loop.call_soon_threadsafe(_deliver, items)
         except RuntimeError:  # the event loop has closed (server shutdown): nobody to tell
-            h.cancelled = True
+            for h, _ in items:
+                h.cancelled = True
+
+    def _flush(self) -> None:
+        """Hand a step's outputs to the event loop at once: one wake-up per step, not per request."""
+        items, self._held = self._held, []
+        by_loop: dict = {}
+        for h, out in items:
+            by_loop.setdefault(h.loop, []).append((h, out))
+        for loop, xs in by_loop.items():
+            self._post(loop, xs)
 
     def _work(self) -> None:
         try:
             (self._work_continuous if self.mode == "continuous" else self._work_static)()
         except BaseException as e:  # the worker must not die silently: end every request with the error
+            if self._held:
+                self._flush()
+            self._held = None
             with self._lock:
                 self._stop = True
                 pending = list(self._waiting) + list(self._running.values())
@@ -299,7 +325,9 @@ class Backend:
     # ---- the continuous-batching scheduler (submit / cancel / step)
     def _work_continuous(self) -> None:
         eng = self.engine
+        self._held = []
         while True:
+            self._flush()
             with self._lock:
                 while not self._waiting and not self._running and not self._cancels and not self._stop:
                     self._lock.wait()

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--speculative", action="store_true", help="MTP self-speculative decoding (the checkpoint needs an MTP head)")
     a("--draft-tokens", type=int, default=1, help="drafts per step with --speculative")
     a("--compile", action="store_true", help="torch.compile the decode steps")
+    a("--prefill-chunk", type=int, default=256,
+      help="prompt tokens prefilled per engine step, all new requests together (bounds the stall of running "
+           "streams)")
     a("--prefix-cache-tokens", type=int, default=None,
       help="prompt tokens the prefix cache may hold (default: 4 full contexts; 0: off)")
     a("--batching", choices=["continuous", "static"], default="continuous",
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, v, lo in (("--port", args.port, 0), ("--max-num-seqs", args.max_num_seqs, 1),
                         ("--prefix-cache-tokens", args.prefix_cache_tokens or 0, 0),
+                        ("--prefill-chunk", args.prefill_chunk, 1),
                         ("--max-waiting", args.max_waiting, 0), ("--draft-tokens", args.draft_tokens, 1)):
         if v < lo:
             raise UsageError(f"{flag}: expected an int >= {lo}, got {v}")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         state = make_state(model, tok, name=name, api_key=args.api_key, max_num_seqs=args.max_num_seqs,
                            max_waiting=args.max_waiting, max_model_len=args.max_model_len,
                            speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile,
-                           prefix_cache_tokens=args.prefix_cache_tokens,
+                           prefix_cache_tokens=args.prefix_cache_tokens, prefill_chunk=args.prefill_chunk,
                            mode="static" if args.batching == "static" else "auto",
                            draft_vocab=load_draft_vocab(mdir) if model.mtp is not None else None)
     except ValueError as e:

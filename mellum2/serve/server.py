@@ -22,10 +22,10 @@ from .common import ServeState
 
 def make_engine(model, *, compile: bool = False, draft_vocab=None, max_num_seqs: int = 8,
                 max_model_len: int | None = None, speculative: bool = False, draft_tokens: int = 1,
-                prefix_cache_tokens: int = 0, detokenize=None) -> Engine:
+                prefix_cache_tokens: int = 0, detokenize=None, prefill_chunk: int | None = None) -> Engine:
     want = dict(compile=compile, draft_vocab=draft_vocab, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                 speculative=speculative, draft_tokens=draft_tokens, prefix_cache_tokens=prefix_cache_tokens,
-                detokenize=detokenize)
+                detokenize=detokenize, prefill_chunk=prefill_chunk)
     takes = inspect.signature(Engine.__init__).parameters
     return Engine(model, **{k: v for k, v in want.items() if k in takes and v is not None})
 
@@ -33,7 +33,8 @@ def make_engine(model, *, compile: bool = False, draft_vocab=None, max_num_seqs:
 def make_state(model, tokenizer, *, name: str = "mellum2", api_key: str | None = None, max_num_seqs: int = 8,
                max_waiting: int = 64, max_model_len: int | None = None, speculative: bool = False,
                draft_tokens: int = 1, compile: bool = False, draft_vocab=None, mode: str = "auto",
-               prefix_cache_tokens: int | None = None, engine=None) -> ServeState:
+               prefix_cache_tokens: int | None = None, prefill_chunk: int | None = None,
+               engine=None) -> ServeState:
     """The server's state over a loaded model and tokenizer; the backend's worker is started.
     prefix_cache_tokens: prompt tokens the engine's prefix cache may hold (None: 4 full contexts;
     0: off). mode "static" serves on the engine's one-batch-per-call API even when it can schedule."""
@@ -51,7 +52,8 @@ def make_state(model, tokenizer, *, name: str = "mellum2", api_key: str | None =
     if engine is None:
         engine = make_engine(model, compile=compile, draft_vocab=draft_vocab, max_num_seqs=max_num_seqs,
                              max_model_len=L, speculative=speculative, draft_tokens=draft_tokens,
-                             prefix_cache_tokens=prefix_cache_tokens, detokenize=tokenizer.decode)
+                             prefix_cache_tokens=prefix_cache_tokens, detokenize=tokenizer.decode,
+                             prefill_chunk=prefill_chunk)
     backend = Backend(engine, tokenizer.decode, max_num_seqs=max_num_seqs, max_waiting=max_waiting,
                       speculative=speculative, draft_tokens=draft_tokens, mode=mode).start()
     return ServeState(backend, tokenizer, name, L, cfg.vocab_size, tuple(cfg.eos_ids), api_key)
