@@ -19,6 +19,7 @@ from mellum2.infer.fim import complete
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 PROMPT = "def add(a, b):\n    return"
+LONG_PROMPT = "for i in range(10):\n    print(i)\n\nclass Stack:\n    pass\n\n" + PROMPT
 
 
 def client(srv, key="none"):
@@ -29,25 +30,30 @@ def want_text(tok, res, hide=(28,)):
     return tok.decode([t for t in res.tokens if t not in hide])
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_greedy_completion_equals_generate(make_server, serve_model, speculative):
+@pytest.mark.parametrize("mode,speculative", [("continuous", False), ("continuous", True), ("static", False),
+                                              ("static", True)])
+def test_greedy_completion_equals_generate(make_server, serve_model, mode, speculative):
     _, m, tok = serve_model
-    srv = make_server(speculative=speculative)
+    srv = make_server(speculative=speculative, mode=mode)
+    assert srv.state.backend.mode == mode and srv.state.backend.speculative == speculative
     c = client(srv)
-    ids = [tok.bos_id] + tok.encode(PROMPT)
+    prompt = LONG_PROMPT
+    ids = [tok.bos_id] + tok.encode(prompt)
     ref = generate(m, ids, max_new_tokens=24)
     for _ in range(2):  # the second time the prompt is a cached prefix (with a prefix-caching engine)
-        r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0)
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
         assert r.choices[0].text == want_text(tok, ref)
         assert r.choices[0].finish_reason == ref.finish_reason
         assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref.tokens)
     # a longer prompt that shares the first one as its prefix, as an IDE sends again and again
-    longer = PROMPT + " a + b\n\ndef sub(a, b):\n"
+    longer = prompt + " a + b\n\ndef sub(a, b):\n"
     ref2 = generate(m, [tok.bos_id] + tok.encode(longer), max_new_tokens=24)
     r = c.completions.create(model="tiny", prompt=longer, max_tokens=24, temperature=0)
     assert r.choices[0].text == want_text(tok, ref2)
     if speculative:
         assert srv.state.backend.stats()["drafted"] > 0
+    if mode == "continuous":  # the repeated and the longer prompt reused the cached KV of their prefix
+        assert srv.state.backend.stats()["engine"]["cached_tokens"] >= 2 * 16  # two requests, >= a block each
 
 
 def test_streaming_equals_non_streaming_and_usage(make_server, serve_model):
