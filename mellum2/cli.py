@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "complete": ("mellum2.infer.cli", "fill-in-the-middle completion"),
     "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
     "chat": ("mellum2.chat.cli", "chat with an Instruct/Thinking checkpoint (reasoning, tool calls, MTP)"),
+    "serve": ("mellum2.serve.cli", "OpenAI-compatible HTTP server (completions, chat, tools, web chat page)"),
 }
 
 
