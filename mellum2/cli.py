@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "data": ("mellum2.data.cli", "prepare the pre-training corpus (filters, dedup, FIM, packing)"),
     "train": ("mellum2.train.pretrain", "pre-train (and long-context stage) with Muon, WHD schedule, MTP"),
     "train-mtp": ("mellum2.train.mtp_head", "train an MTP draft head for a frozen checkpoint"),
+    "plan": ("mellum2.train.plan", "memory per GPU and step time / tokens per day of a training layout"),
     "generate": ("mellum2.infer.cli", "generate text (optionally MTP-speculative)"),
     "complete": ("mellum2.infer.cli", "fill-in-the-middle completion"),
     "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
