@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "complete": ("mellum2.infer.cli", "fill-in-the-middle completion"),
     "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
     "chat": ("mellum2.chat.cli", "chat with an Instruct/Thinking checkpoint (reasoning, tool calls, MTP)"),
+    "rl": ("mellum2.posttrain.rl", "RL with verifiable rewards (Mellum 2's GRPO variant) from an SFT run"),
 }
 
 
