@@ -50,6 +50,7 @@ from mellum2.train.errors import TrainError
 from .grpo import EPS_HIGH, EPS_LOW, ICEPOP, entropy, grpo_loss, loo_advantages, select_groups, token_logprobs
 from .rltasks import KINDS, rl_tasks
 from .rollout import evaluate, paired_diff_ci, prompt_of, rollout
+from .verify import score
 
 MAX_STALENESS = 0  # synchronous rollouts (module docstring); the report allows up to 2
 DEFAULT_LR = 2e-5  # demo scale (docs/rl.md); the report's 1e-6 is for the 12B model
@@ -247,9 +248,9 @@ def _write_json(path: Path, obj) -> None:
     atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def _eval(engine, tok, heldout, args, step: int, out: Path, say) -> dict:
+def _eval(engine, tok, heldout, args, step: int, out: Path, say, scorer) -> dict:
     t0 = time.perf_counter()
-    res = evaluate(engine, tok, heldout, max_new_tokens=args.max_new_tokens, thinking=args.thinking)
+    res = evaluate(engine, tok, heldout, max_new_tokens=args.max_new_tokens, thinking=args.thinking, scorer=scorer)
     rec = {"step": step, **res.summary(), "eval_s": time.perf_counter() - t0, "rewards": res.rewards}
     with open(out / "eval.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -259,7 +260,9 @@ def _eval(engine, tok, heldout, args, step: int, out: Path, say) -> dict:
     return rec
 
 
-def run(args) -> Path:
+def run(args, scorer=score) -> Path:
+    """The run of parsed `args`; `scorer(task, message) -> (reward, reason)` is the verifier (tests
+    pass their own)."""
     kinds, diff = _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,7 +328,7 @@ def run(args) -> Path:
         f"(sampling {n_sample}) x G={args.group}, lr {args.lr:g}, cap {args.max_new_tokens} tokens")
     evals = read_jsonl(out / "eval.jsonl") if (out / "eval.jsonl").exists() else []
     if not any(e["step"] == step for e in evals):
-        evals.append(_eval(engine, tok, heldout, args, step, out, say))
+        evals.append(_eval(engine, tok, heldout, args, step, out, say, scorer))
     logger = MetricsLogger(out, enabled=True, total_steps=args.steps, start_step=step, start_tokens=tokens,
                            flops_per_token=0.0, peak_flops=None, tensorboard=not args.no_tensorboard,
                            progress=not args.no_progress)
@@ -336,14 +339,14 @@ def run(args) -> Path:
                 say(f"--time-limit {args.time_limit:g} min: stopping after step {step}")
                 break
             t0 = time.perf_counter()
-            rec = rl_step(model, engine, opt, tok, train_pool, sampler, step, args, n_sample)
+            rec = rl_step(model, engine, opt, tok, train_pool, sampler, step, args, n_sample, scorer)
             step += 1
             tokens += rec["train_tokens"]
             rec.update(step=step, tokens=tokens, lr=args.lr, step_s=time.perf_counter() - t0)
             step_s.append(rec["step_s"])
             logger.log_steps([rec])
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                evals.append(_eval(engine, tok, heldout, args, step, out, say))
+                evals.append(_eval(engine, tok, heldout, args, step, out, say, scorer))
             if args.save_every and step % args.save_every == 0:
                 save()
     finally:
@@ -351,7 +354,7 @@ def run(args) -> Path:
     if not ckpt.list_checkpoints(out) or ckpt.list_checkpoints(out)[-1][0] != step:
         save()
     if evals[-1]["step"] != step:
-        evals.append(_eval(engine, tok, heldout, args, step, out, say))
+        evals.append(_eval(engine, tok, heldout, args, step, out, say, scorer))
     first, last = evals[0], evals[-1]
     diff_mean, lo, hi = paired_diff_ci(first["rewards"], last["rewards"])
     summary = {"before": {k: v for k, v in first.items() if k != "rewards"},
@@ -364,13 +367,13 @@ def run(args) -> Path:
     return out
 
 
-def rl_step(model, engine, opt, tok, pool, sampler, step: int, args, n_sample: int) -> dict:
+def rl_step(model, engine, opt, tok, pool, sampler, step: int, args, n_sample: int, scorer=score) -> dict:
     """One RL step (the module docstring's 1-4); returns its metrics."""
     t0 = time.perf_counter()
     idx = sampler.take(n_sample)
     groups = rollout(engine, tok, [pool[i] for i in idx], args.group, seed=args.seed, step=step,
                      max_new_tokens=args.max_new_tokens, overlong_buffer=args.overlong_buffer,
-                     overlong_floor=args.overlong_floor, thinking=args.thinking, version=step)
+                     overlong_floor=args.overlong_floor, thinking=args.thinking, version=step, scorer=scorer)
     stale = max(step - g.version for g in groups)
     if stale > MAX_STALENESS:
         raise AssertionError(f"rollouts {stale} steps stale (at most {MAX_STALENESS})")

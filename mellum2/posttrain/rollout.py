@@ -152,7 +152,7 @@ def evaluate(engine, tok, tasks: Sequence[dict], *, max_new_tokens: int, thinkin
     """Greedy replies to `tasks`, scored by the verifiers (no shaping). A reply whose sandbox kept
     failing raises: a held-out number must not silently leave tasks out."""
     prompts, opens = zip(*(prompt_of(tok, t, thinking) for t in tasks))
-    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)] * len(prompts)
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)] * len(prompts)
     results = _generate(engine, list(prompts), params, chunk, tok.decode)
     rewards, by_kind, lengths, texts = [], {}, [], []
     for t, res, op in zip(tasks, results, opens):
