@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -88,9 +89,31 @@ def score_reply(task: dict, text: str, think_open: bool, scorer: Callable = scor
     return float(r), why, msg
 
 
+def score_all(items: Sequence[tuple[dict, str, bool]], scorer: Callable = score, workers: int = 4) -> list:
+    """score_reply over (task, text, think_open) items, in order; a SandboxError is returned in its
+    place. Code replies are scored in a thread pool (each waits on its sandbox); the others in this
+    thread (math-verify's timeout needs the main thread's SIGALRM)."""
+    out: list = [None] * len(items)
+
+    def one(j):
+        try:
+            out[j] = score_reply(*items[j], scorer=scorer)
+        except SandboxError as e:
+            out[j] = e
+    code = [j for j, it in enumerate(items) if it[0].get("kind") == "code"]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [pool.submit(one, j) for j in code]
+        for j, it in enumerate(items):
+            if it[0].get("kind") != "code":
+                one(j)
+        for f in futures:
+            f.result()
+    return out
+
+
 def rollout(engine, tok, tasks: Sequence[dict], G: int, *, seed: int, step: int, max_new_tokens: int,
-            overlong_buffer: int, overlong_floor: float = 1.0, thinking: bool = False, chunk: int = 64,
-            version: int = 0, scorer: Callable = score) -> list[Group]:
+            overlong_buffer: int, overlong_floor: float = 1.0, thinking: bool = False, chunk: int = 128,
+            version: int = 0, scorer: Callable = score, workers: int = 4) -> list[Group]:
     """G samples of every task, scored and shaped (module docstring), as groups in task order."""
     if G < 2:
         raise ValueError(f"rollout: G must be >= 2 (leave-one-out needs two samples), got {G}")
@@ -104,14 +127,15 @@ def rollout(engine, tok, tasks: Sequence[dict], G: int, *, seed: int, step: int,
             params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, logprobs=True,
                                          seed=sample_seed(seed, step, i, k)))
     results = _generate(engine, prompts, params, chunk, tok.decode)
+    texts = [tok.decode(r.tokens) for r in results]
+    scored = score_all([(groups[j // G].task, texts[j], opens[j]) for j in range(len(results))], scorer, workers)
     for j, res in enumerate(results):
         g = groups[j // G]
-        s = Sample(list(res.tokens), list(res.logprobs), res.finish_reason == "stop")
-        s.text = tok.decode(s.tokens)
-        try:
-            s.score, s.reason, msg = score_reply(g.task, s.text, opens[j], scorer)
-        except SandboxError as e:
-            s.dropped, s.reason, msg = "verifier", f"sandbox failed: {e}", None
+        s = Sample(list(res.tokens), list(res.logprobs), res.finish_reason == "stop", texts[j])
+        if isinstance(scored[j], SandboxError):
+            s.dropped, s.reason, msg = "verifier", f"sandbox failed: {scored[j]}", None
+        else:
+            s.score, s.reason, msg = scored[j]
         pen = overlong_penalty(len(s.tokens), s.finished, max_new_tokens, overlong_buffer, overlong_floor)
         if pen is None and s.dropped is None:
             s.dropped = "overlong"
@@ -147,21 +171,23 @@ class EvalResult:
                 "by_kind": {k: sum(v) / len(v) for k, v in sorted(self.by_kind.items())}}
 
 
-def evaluate(engine, tok, tasks: Sequence[dict], *, max_new_tokens: int, thinking: bool = False, chunk: int = 64,
-             scorer: Callable = score) -> EvalResult:
+def evaluate(engine, tok, tasks: Sequence[dict], *, max_new_tokens: int, thinking: bool = False, chunk: int = 128,
+             scorer: Callable = score, workers: int = 4) -> EvalResult:
     """Greedy replies to `tasks`, scored by the verifiers (no shaping). A reply whose sandbox kept
     failing raises: a held-out number must not silently leave tasks out."""
     prompts, opens = zip(*(prompt_of(tok, t, thinking) for t in tasks))
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)] * len(prompts)
     results = _generate(engine, list(prompts), params, chunk, tok.decode)
-    rewards, by_kind, lengths, texts = [], {}, [], []
-    for t, res, op in zip(tasks, results, opens):
-        text = tok.decode(res.tokens)
-        r, _, _ = score_reply(t, text, op, scorer)
+    texts = [tok.decode(res.tokens) for res in results]
+    scored = score_all(list(zip(tasks, texts, opens)), scorer, workers)
+    rewards, by_kind, lengths = [], {}, []
+    for t, res, sc in zip(tasks, results, scored):
+        if isinstance(sc, SandboxError):
+            raise sc
+        r = sc[0]
         rewards.append(r)
         by_kind.setdefault(t["kind"], []).append(r)
         lengths.append(len(res.tokens))
-        texts.append(text)
     return EvalResult(rewards, by_kind, lengths, texts)
 
 
