@@ -12,7 +12,7 @@ import torch
 from mellum2.cli import main as cli_main
 from mellum2.infer import Engine
 from mellum2.model import Mellum2, ModelConfig, load_pretrained
-from mellum2.posttrain import rl, rl_tasks
+from mellum2.posttrain import loo_advantages, rl, rl_tasks
 from mellum2.posttrain.rollout import bootstrap_ci, paired_diff_ci, rollout
 from mellum2.tokenizer import train_bpe
 from mellum2.train import checkpoint as ckpt
@@ -72,7 +72,7 @@ def test_rollout_groups_seeds_and_logprobs(sft):
 
 def test_smoke_run_writes_metrics_summary_plot_and_checkpoint(sft, tmp_path):
     out = tmp_path / "rl"
-    assert cli_main(["rl", "--from", str(sft[0]), "--out", str(out), *ARGS]) in (0, 1)  # the real verifiers
+    assert cli_main(["rl", "--from", str(sft[0]), "--out", str(out), *ARGS]) == 0  # the real verifiers
     out2 = tmp_path / "rl2"
     _run(sft, out2)
     recs = [json.loads(x) for x in (out2 / "metrics.jsonl").read_text().splitlines()]
@@ -139,3 +139,23 @@ def test_bad_arguments(sft, tmp_path):
                        (["--overlong-buffer", "10"], "--overlong-buffer")):
         with pytest.raises(Exception, match=msg):
             _run(sft, tmp_path / "x", *extra)
+
+
+def test_an_update_moves_probability_toward_the_rewarded_reply(sft):
+    """The sign of the whole step: after one AdamW step on a group [rewarded, unrewarded], the
+    rewarded reply is more likely and the other less likely than before."""
+    d, tok = sft
+    model = load_pretrained(d, dtype=torch.float32).train()
+    prompt = tok.encode("<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n")
+    good, bad = tok.encode("The answer is 7.<|im_end|>"), tok.encode("def add(a, b):<|im_end|>")
+    adv = loo_advantages([1.0, 0.0]).tolist()
+    rows = [{"ids": prompt + r, "start": len(prompt), "logp_infer": [0.0] * len(r), "adv": a} for r, a in zip((good, bad), adv)]
+    old, _, _ = rl.old_logprobs(model, rows, 2)
+    for r, o in zip(rows, old):
+        r["logp_infer"] = o.tolist()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = rl.build_parser().parse_args(["--from", "x", "--out", "y"])
+    st = rl.train_minibatch(model, opt, rows, old, 2, args)
+    assert st["tokens"] == len(good) + len(bad) and st["icepop_masked"] == 0 and st["clipped"] == 0
+    new, _, _ = rl.old_logprobs(model, rows, 2)
+    assert new[0].sum() > old[0].sum() + 0.1 and new[1].sum() < old[1].sum() - 0.1

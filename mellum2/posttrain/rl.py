@@ -380,7 +380,8 @@ def rl_step(model, engine, opt, tok, pool, sampler, step: int, args, n_sample: i
     t_roll = time.perf_counter() - t0
     samples = [s for g in groups for s in g.samples]
     kept, dropped, unused = select_groups(groups, args.prompts)
-    rec = {"reward": sum(s.reward for s in samples) / len(samples),
+    live = [s for s in samples if s.dropped is None] or [None]
+    rec = {"reward": sum(s.reward for s in live if s) / len(live),  # shaped, over the samples not dropped
            "score": sum(s.score for s in samples) / len(samples),
            "pass_rate": sum(s.score >= 1 for s in samples) / len(samples),
            "response_length": sum(len(s.tokens) for s in samples) / len(samples),
