@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train-tasks", type=int, default=2000, help="size of the training task pool")
     a("--heldout", type=int, default=200, help="held-out tasks evaluated (a fixed set)")
     a("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: before and after only)")
-    a("--time-limit", type=float, default=0, help="stop the loop after this many minutes (0: none); "
-                                                   "the final evaluation and checkpoint still run")
+    a("--time-limit", type=float, default=0, help="minutes for the whole run (0: none): the loop stops when "
+                                                   "one more step and the final evaluation would not fit")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep", type=int, default=2, help="checkpoints kept")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -263,6 +263,7 @@ def _eval(engine, tok, heldout, args, step: int, out: Path, say, scorer) -> dict
 def run(args, scorer=score) -> Path:
     """The run of parsed `args`; `scorer(task, message) -> (reward, reason)` is the verifier (tests
     pass their own)."""
+    t_start = time.perf_counter()
     kinds, diff = _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -332,10 +333,12 @@ def run(args, scorer=score) -> Path:
     logger = MetricsLogger(out, enabled=True, total_steps=args.steps, start_step=step, start_tokens=tokens,
                            flops_per_token=0.0, peak_flops=None, tensorboard=not args.no_tensorboard,
                            progress=not args.no_progress)
-    t_start, step_s = time.perf_counter(), []
+    step_s = []
+    eval_s = max((e.get("eval_s", 0.0) for e in evals), default=0.0)
     try:
         while step < args.steps:
-            if args.time_limit and step_s and (time.perf_counter() - t_start + max(step_s)) > args.time_limit * 60:
+            left = args.time_limit * 60 - (time.perf_counter() - t_start)
+            if args.time_limit and step_s and max(step_s) + eval_s * 1.2 + 10 > left:
                 say(f"--time-limit {args.time_limit:g} min: stopping after step {step}")
                 break
             t0 = time.perf_counter()
@@ -360,7 +363,7 @@ def run(args, scorer=score) -> Path:
     summary = {"before": {k: v for k, v in first.items() if k != "rewards"},
                "after": {k: v for k, v in last.items() if k != "rewards"},
                "paired_difference": {"mean": diff_mean, "ci95": [lo, hi]}, "steps": step,
-               "train_minutes": (time.perf_counter() - t_start) / 60}
+               "minutes": (time.perf_counter() - t_start) / 60}
     _write_json(out / "summary.json", summary)
     say(json.dumps({k: summary[k] for k in ("paired_difference", "steps")}))
     plot_rl(out)
