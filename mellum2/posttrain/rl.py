@@ -27,6 +27,7 @@ uninterrupted one, bit for bit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eps-low", type=float, default=EPS_LOW)
     a("--eps-high", type=float, default=EPS_HIGH)
     a("--icepop", type=float, nargs=2, default=list(ICEPOP), metavar=("LO", "HI"), help="IcePop band of rho")
+    a("--precision", choices=("bf16", "fp32"), default="fp32",
+      help="the trainer's autocast (fp32 masters; the sampler runs the fp32 weights)")
     a("--thinking", action="store_true", help="sample with reasoning on (the Thinking variant)")
     a("--train-tasks", type=int, default=2000, help="size of the training task pool")
     a("--heldout", type=int, default=200, help="held-out tasks evaluated (a fixed set)")
@@ -190,15 +193,23 @@ def _pad(rows: list[dict], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, logp_infer=lp_inf, adv=adv).items()}
 
 
+def autocast(model, precision: str):
+    """The trainer's precision: bf16 autocast (as pre-training) or plain fp32."""
+    if precision == "bf16":
+        return torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def old_logprobs(model, rows: list[dict], micro: int) -> tuple[list[torch.Tensor], float, float]:
+def old_logprobs(model, rows: list[dict], micro: int, precision: str = "fp32") -> tuple[list[torch.Tensor], float, float]:
     """pi_train_old of each row's response tokens (the trainer's numerics, the sampling weights), and
     the summed entropy and token count of the policy over those positions."""
     out, ent, n = [], 0.0, 0.0
     for a in range(0, len(rows), micro):
         chunk = rows[a:a + micro]
         t = _pad(chunk, model.lm_head.weight.device)
-        logits = model(t["ids"], mtp=False).logits[:, :-1]
+        with autocast(model, precision):
+            logits = model(t["ids"], mtp=False).logits[:, :-1]
         lp = token_logprobs(logits, t["ids"][:, 1:])
         ent += float((entropy(logits) * t["mask"]).sum())
         n += float(t["mask"].sum())
@@ -221,7 +232,8 @@ def train_minibatch(model, opt, rows: list[dict], old: list[torch.Tensor], micro
         lp_old = torch.zeros_like(t["logp_infer"])
         for i, (r, o) in enumerate(zip(chunk, olds)):
             lp_old[i, r["start"] - 1:len(r["ids"]) - 1] = o
-        out = model(t["ids"], mtp=False)
+        with autocast(model, args.precision):
+            out = model(t["ids"], mtp=False)
         logp = token_logprobs(out.logits[:, :-1], t["ids"][:, 1:])
         pg, st = grpo_loss(logp, lp_old, t["logp_infer"], t["adv"], t["mask"], args.eps_low, args.eps_high,
                            tuple(args.icepop), num_tokens=n_tok)
@@ -298,7 +310,7 @@ def run(args, scorer=score) -> Path:
     trajectory = {k: getattr(args, k) for k in (
         "tasks", "difficulty", "prompts", "group", "oversample", "minibatches", "micro_batch", "max_new_tokens",
         "overlong_buffer", "overlong_floor", "lr", "weight_decay", "clip", "eps_low", "eps_high", "thinking",
-        "train_tasks", "heldout", "seed")}
+        "train_tasks", "heldout", "seed", "precision")}
     trajectory["icepop"] = list(args.icepop)
     trajectory["source"] = str(src.resolve())
     sampler = TaskSampler(len(train_pool), args.seed)
@@ -399,7 +411,7 @@ def rl_step(model, engine, opt, tok, pool, sampler, step: int, args, n_sample: i
         rec.update(loss=0.0, clip_frac=0.0, icepop_masked_frac=0.0, entropy=float("nan"), grad_norm=0.0,
                    skipped=True)
         return rec
-    old, ent, n_ent = old_logprobs(model, rows, args.micro_batch)
+    old, ent, n_ent = old_logprobs(model, rows, args.micro_batch, args.precision)
     order = list(range(len(rows)))
     random.Random(f"{args.seed}:rl-minibatch:{step}").shuffle(order)
     M = min(args.minibatches, len(rows))
