@@ -159,3 +159,10 @@ def test_an_update_moves_probability_toward_the_rewarded_reply(sft):
     assert st["tokens"] == len(good) + len(bad) and st["icepop_masked"] == 0 and st["clipped"] == 0
     new, _, _ = rl.old_logprobs(model, rows, 2)
     assert new[0].sum() > old[0].sum() + 0.1 and new[1].sum() < old[1].sum() - 0.1
+
+
+def test_time_limit_stops_the_loop_and_still_evaluates(sft, tmp_path):
+    out = tmp_path / "t"
+    _run(sft, out, "--time-limit", "1e-6")  # the first step always runs, then none fits
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 1 and s["after"]["step"] == 1 and ckpt.latest(out).name == "step_00000001"

@@ -112,7 +112,7 @@ def score_all(items: Sequence[tuple[dict, str, bool]], scorer: Callable = score,
 
 
 def rollout(engine, tok, tasks: Sequence[dict], G: int, *, seed: int, step: int, max_new_tokens: int,
-            overlong_buffer: int, overlong_floor: float = 1.0, thinking: bool = False, chunk: int = 128,
+            overlong_buffer: int, overlong_floor: float = 1.0, thinking: bool = False, chunk: int = 256,
             version: int = 0, scorer: Callable = score, workers: int = 4) -> list[Group]:
     """G samples of every task, scored and shaped (module docstring), as groups in task order."""
     if G < 2:
@@ -171,7 +171,7 @@ class EvalResult:
                 "by_kind": {k: sum(v) / len(v) for k, v in sorted(self.by_kind.items())}}
 
 
-def evaluate(engine, tok, tasks: Sequence[dict], *, max_new_tokens: int, thinking: bool = False, chunk: int = 128,
+def evaluate(engine, tok, tasks: Sequence[dict], *, max_new_tokens: int, thinking: bool = False, chunk: int = 256,
              scorer: Callable = score, workers: int = 4) -> EvalResult:
     """Greedy replies to `tasks`, scored by the verifiers (no shaping). A reply whose sandbox kept
     failing raises: a held-out number must not silently leave tasks out."""
