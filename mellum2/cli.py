@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
     "chat": ("mellum2.chat.cli", "chat with an Instruct/Thinking checkpoint (reasoning, tool calls, MTP)"),
     "serve": ("mellum2.serve.cli", "OpenAI-compatible HTTP server (completions, chat, tools, web chat page)"),
+    "rl": ("mellum2.posttrain.rl", "RL with verifiable rewards (Mellum 2's GRPO variant) from an SFT run"),
 }
 
 
