@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mellum2 import Mellum2, ModelConfig
 from mellum2.cli import main as mellum2_main
 from mellum2.eval import bpb
-from mellum2.eval.common import heldout_files
+from mellum2.eval.common import heldout_files, purelib
 from mellum2.tokenizer import train_bpe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,6 +68,8 @@ def test_xz_is_xz_9e():
 def test_heldout_files_are_not_in_the_corpus():
     files = heldout_files(5)
     assert len(files) == 5 and all("site-packages" in f.parts for f in files)
+    pkgs = [f.relative_to(purelib()).parts[0] for f in files]
+    assert len(set(pkgs)) == 5  # one per package
     assert files == heldout_files(5) and files != heldout_files(5, seed=1)
 
 
@@ -76,7 +78,7 @@ def test_cli(ckpt, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(3):
-        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * (40 + i))
+        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * (80 + i))
     out = tmp_path / "b.json"
     assert mellum2_main(["eval", "bpb", "--model", str(d), "--source", str(src), "--n", "3", "--json", str(out),
                          "--quiet"]) == 0

@@ -52,10 +52,13 @@ def zstd_bits(data: bytes, level: int = 19) -> int | None:
 
 
 @torch.no_grad()
-def model_bits(model, ids: Sequence[int], window: int | None = None) -> float:
-    """Sum of -log2 p over ids[1:] given what precedes each (ids[0] is the document start)."""
-    W = window or model.cfg.max_position_embeddings
-    stride = max(1, W // 2)
+def model_bits(model, ids: Sequence[int], window: int | None = None, stride: int | None = None) -> float:
+    """Sum of -log2 p over ids[1:] given what precedes each (ids[0] is the document start), in windows
+    of `window` tokens (default: the model's context) advancing by `stride` (default: half a window)."""
+    W = min(window or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+    stride = stride or max(1, W // 2)
+    if not 1 <= stride <= W:
+        raise ValueError(f"bpb: stride {stride} must be in 1..window ({W})")
     x = torch.tensor(ids)
     L = len(ids)
     nats, done, begin = 0.0, 1, 0  # done: index of the first target not yet scored
@@ -68,8 +71,8 @@ def model_bits(model, ids: Sequence[int], window: int | None = None) -> float:
     return nats / math.log(2)
 
 
-def score_files(model, tok, files: Sequence[Path], window: int | None = None, quiet: bool = False,
-                workers: int = 2) -> list[dict]:
+def score_files(model, tok, files: Sequence[Path], window: int | None = None, stride: int | None = None,
+                quiet: bool = False, workers: int = 2) -> list[dict]:
     """Per file: bytes, tokens, the model's bits, xz's and zstd's. Compressors run in threads while
     the model scores (lzma and subprocess release the GIL)."""
     datas = [Path(f).read_bytes() for f in files]
@@ -80,7 +83,7 @@ def score_files(model, tok, files: Sequence[Path], window: int | None = None, qu
         for f, d in progress(list(zip(files, datas)), "bpb", quiet=quiet):
             ids = [tok.bos_id] + list(tok.encode(d.decode("utf-8"), allow_special=False))
             rows.append({"file": str(f), "bytes": len(d), "tokens": len(ids) - 1,
-                         "model_bits": model_bits(model, ids, window)})
+                         "model_bits": model_bits(model, ids, window, stride)})
         for r, a, b in zip(rows, xz, zs):
             r["xz_bits"], r["zstd_bits"] = a.result(), b.result()
     for r in rows:
@@ -100,15 +103,15 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def run(model, tok, n: int = 40, seed: int = 0, root=None, files=None, max_bytes: int = 20000,
-        window: int | None = None, quiet: bool = False) -> dict:
+def run(model, tok, n: int = 40, seed: int = 0, root=None, files=None, max_bytes: int = 24576,
+        window: int | None = None, stride: int | None = None, quiet: bool = False) -> dict:
     """Held-out bits per byte: {"summary": {model_bpb, xz_bpb, zstd_bpb, files, bytes, tokens, ...},
     "rows": per file}. `files` overrides the held-out selection (common.heldout_files)."""
     files = list(files) if files is not None else heldout_files(n, seed, root, max_bytes=max_bytes)
     was = model.training
     model.eval()
     try:
-        rows = score_files(model, tok, files, window, quiet)
+        rows = score_files(model, tok, files, window, stride, quiet)
     finally:
         model.train(was)
     return {"summary": summarize(rows), "rows": rows}

@@ -74,7 +74,9 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--n", type=int, default=40, help="number of held-out files")
     p.add_argument("--source", help="directory of source files (default: installed packages, see common.py)")
-    p.add_argument("--max-bytes", type=int, default=20000, help="largest file taken")
+    p.add_argument("--max-bytes", type=int, default=24576, help="largest file taken")
+    p.add_argument("--window", type=int, help="tokens per forward (default: the model's context)")
+    p.add_argument("--stride", type=int, help="tokens a window advances (default: half a window)")
     p.add_argument("--seed", type=int, default=0)
 
     for name in ("passkey", "ppl-by-position"):
@@ -116,7 +118,8 @@ def run_humaneval(a) -> tuple[dict, str]:
 
 def run_bpb(a) -> tuple[dict, str]:
     model, tok = load(a.model, a.tokenizer, a.dtype)
-    res = bpb.run(model, tok, a.n, a.seed, a.source, max_bytes=a.max_bytes, quiet=a.quiet)
+    res = bpb.run(model, tok, a.n, a.seed, a.source, max_bytes=a.max_bytes, window=a.window, stride=a.stride,
+                  quiet=a.quiet)
     s = res["summary"]
     head = f"bits per byte on {s['files']} held-out files ({s['bytes']:,} bytes, each file alone)\n"
     return res, head + table(bpb.summary_rows(res))

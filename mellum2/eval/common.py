@@ -3,14 +3,13 @@ table, the atomic JSON result, pass@k, and the held-out code the corpus never co
 
 Held-out code: the embedded pre-training corpus is the interpreter's standard library with
 site-packages excluded (mellum2/data/embedded.py), so the pure-Python sources of installed packages
-are code the model has not seen. `heldout_files` takes them from a fixed list of packages that every
-install of this project has (its own dependencies), in a seeded order, so two machines with the same
-package versions score the same files.
+are code the model has not seen. `heldout_files` picks them reproducibly (hash order of the path, one
+file per package), so two machines with the same packages installed score the same files.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-import random
 import sys
 import sysconfig
 from pathlib import Path
@@ -20,9 +19,6 @@ from tqdm import tqdm
 
 from mellum2 import atomic
 from mellum2.errors import NotFoundError, UsageError
-
-# pure-Python packages installed with mellum2 (pyproject dependencies and their own), never in the corpus
-HELDOUT_PACKAGES = ("pip", "jinja2", "tqdm", "markupsafe", "setuptools", "jsonschema", "safetensors")
 
 
 def load(model_dir, tokenizer=None, dtype: str = "float32", mtp: bool = False):
@@ -80,28 +76,40 @@ def purelib() -> Path:
     return Path(sysconfig.get_paths()["purelib"])
 
 
-def heldout_files(n: int = 40, seed: int = 0, root: str | Path | None = None, min_bytes: int = 1000,
-                  max_bytes: int = 20000, packages: Sequence[str] = HELDOUT_PACKAGES) -> list[Path]:
-    """`n` Python files of held-out code (between min_bytes and max_bytes, UTF-8), in a seeded order.
-    `root`: a directory of source files to take them from instead of the installed packages."""
-    if root is not None:
-        roots = [Path(root)]
-        if not roots[0].is_dir():
-            raise NotFoundError(f"{root}: no such directory of source files")
-    else:
-        roots = [purelib() / p for p in packages if (purelib() / p).is_dir()]
-    files = []
-    for r in roots:
-        for p in sorted(r.rglob("*.py")):
-            try:
-                size = p.stat().st_size
-                if min_bytes <= size <= max_bytes and p.is_file():
-                    p.read_bytes().decode("utf-8")
-                    files.append(p)
-            except (OSError, UnicodeDecodeError):
-                continue
-    if not files:
-        raise NotFoundError(f"no held-out .py files of {min_bytes}-{max_bytes} bytes under "
-                            f"{', '.join(map(str, roots)) or 'the installed packages ' + ', '.join(packages)}")
-    random.Random(seed).shuffle(files)
-    return files[:n]
+def heldout_files(n: int = 40, seed: int = 0, root: str | Path | None = None, min_bytes: int = 2048,
+                  max_bytes: int = 24576) -> list[Path]:
+    """`n` held-out Python files: `.py` files of min_bytes..max_bytes (UTF-8) under `root` (default: the
+    interpreter's site-packages, which the corpus never reads), ordered by a hash of their path relative
+    to root (salted by `seed` when it is not 0), at most one per top-level package so that no package
+    dominates; mellum2 itself and test directories are skipped. The set depends on what is installed."""
+    root = Path(root) if root is not None else purelib()
+    if not root.is_dir():
+        raise NotFoundError(f"{root}: no such directory of source files")
+    cands = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root).as_posix()
+        if "mellum2" in rel or "/tests/" in f"/{rel}" or not p.is_file():
+            continue
+        try:
+            size = p.stat().st_size
+        except OSError:
+            continue
+        if min_bytes <= size <= max_bytes:
+            key = rel if seed == 0 else f"{seed}:{rel}"
+            cands.append((hashlib.sha1(key.encode()).hexdigest(), rel, p))
+    out, seen = [], set()
+    for _, rel, p in sorted(cands):
+        pkg = rel.split("/", 1)[0] if "/" in rel else rel
+        if pkg in seen:
+            continue
+        try:
+            p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        seen.add(pkg)
+        out.append(p)
+        if len(out) == n:
+            break
+    if not out:
+        raise NotFoundError(f"{root}: no .py files of {min_bytes}-{max_bytes} bytes there")
+    return out
