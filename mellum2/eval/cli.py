@@ -23,7 +23,7 @@ import torch
 from mellum2 import atomic
 from mellum2.errors import UsageError, run_stage
 
-from . import bpb, humaneval, longdata, passkey, ppl
+from . import bpb, completion, humaneval, infill, longdata, mtp, passkey, ppl, suites
 from .common import load, table, write_json
 
 
@@ -78,6 +78,44 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="tokens per forward (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens a window advances (default: half a window)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("infill", help="HumanEval infilling (FIM), pass@1 and exact match")
+    _common(p, model_required=False)
+    p.add_argument("--modes", default="single-line,multi-line", help=f"comma-separated, of {', '.join(infill.MODES)}")
+    p.add_argument("--limit", type=int, help="a seeded sample of N tasks per mode (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--timeout", type=float, default=humaneval.TIMEOUT_S)
+    p.add_argument("--workers", type=int, help="sandboxes at once (default: CPU count)")
+    p.add_argument("--counts", action="store_true", help="only print the task counts next to the paper's")
+
+    p = sub.add_parser("completion", help="held-out repository code completion (FIM and left to right)")
+    _common(p)
+    p.add_argument("--files", type=int, default=20, help="number of held-out files")
+    p.add_argument("--lines-per-file", type=int, default=2)
+    p.add_argument("--contexts", type=_ints, default=[128, 512], help="context lengths in tokens")
+    p.add_argument("--modes", default="fim,ltr")
+    p.add_argument("--source", help="directory of source files (default: installed packages)")
+
+    p = sub.add_parser("mtp", help="MTP draft acceptance and speed on held-out code")
+    _common(p)
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--draft-tokens", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="the compiled engine (compile time excluded)")
+
+    p = sub.add_parser("chat", help="held-out chat checks (format, tool calls) of an SFT checkpoint")
+    _common(p)
+    p.add_argument("--think", action="store_true", help="a Thinking checkpoint: also check the think format")
+    p.add_argument("--n", type=int, help="number of held-out prompts (default: the evaluator's)")
+    p.add_argument("--max-new-tokens", type=int)
+    p = sub.add_parser("rl", help="held-out verifiable reward (RL tasks)")
+    _common(p)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--thinking", action="store_true")
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with --model mellum2 (arguments go to lm_eval; "
+                   "--install-hook makes plain `lm_eval --model mellum2` work in this environment)")
 
     for name in ("passkey", "ppl-by-position"):
         _common(sub.add_parser(name))
@@ -142,10 +180,84 @@ def run_ppl(a) -> tuple[dict, str]:
     return res, f"perplexity by position ({len(seqs)} sequences of {a.length} tokens)\n" + table(res["buckets"])
 
 
-RUNNERS = {"humaneval": run_humaneval, "bpb": run_bpb, "passkey": run_passkey, "ppl-by-position": run_ppl}
+def run_infill(a) -> tuple[dict, str]:
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in infill.MODES]
+    if bad:
+        raise UsageError(f"--modes {','.join(bad)}: expected some of {', '.join(infill.MODES)}")
+    if a.counts:
+        c = infill.counts(humaneval.read_problems())
+        res = {"counts": c, "paper_counts": infill.PAPER_COUNTS}
+        return res, table([{"mode": m, "tasks": c[m], "paper": infill.PAPER_COUNTS[m]} for m in infill.MODES])
+    if not a.model:
+        raise UsageError("infill: give --model (or --counts for the task counts only)")
+    model, tok = load(a.model, a.tokenizer, a.dtype)
+    res = infill.run(model, tok, modes, a.limit, a.max_new_tokens, timeout=a.timeout, workers=a.workers, quiet=a.quiet)
+    rows = [{"mode": m, "tasks": r["tasks"], "of": res["counts"][m], "pass@1": r["pass@1"],
+             "exact match": r["exact_match"]} for m, r in res["modes"].items()]
+    return res, "HumanEval infilling (FIM, greedy)\n" + table(rows)
+
+
+def run_completion(a) -> tuple[dict, str]:
+    model, tok = load(a.model, a.tokenizer, a.dtype)
+    res = completion.run(model, tok, a.files, a.lines_per_file, a.contexts, [m for m in a.modes.split(",") if m],
+                         root=a.source, quiet=a.quiet)
+    head = f"held-out line completion ({res['rows'][0]['tasks']} lines of {res['files']} files)\n"
+    return res, head + table([{k: r[k] for k in ("mode", "context", "tasks", "exact_match", "edit_similarity")}
+                              for r in res["rows"]])
+
+
+def run_mtp(a) -> tuple[dict, str]:
+    model, tok = load(a.model, a.tokenizer, a.dtype, mtp=True)
+    res = mtp.run(model, tok, a.files, a.prompt_tokens, a.new_tokens, a.draft_tokens, a.compile, quiet=a.quiet)
+    if not res["available"]:
+        return res, f"mtp: not available ({res['reason']})"
+    keys = ("files", "draft_tokens", "acceptance", "mean_accepted_length", "plain_tokens_per_s", "spec_tokens_per_s",
+            "speedup", "identical")
+    return res, "MTP self-speculation on held-out code (greedy)\n" + table([{k: res[k] for k in keys}])
+
+
+def _suite_table(name: str, res: dict) -> str:
+    if not res.get("available"):
+        return f"{name}: not available ({res['reason']})"
+    flat = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool)) and k != "available"}
+    return f"{name}\n" + table([flat])
+
+
+def run_chat(a) -> tuple[dict, str]:
+    model, tok = load(a.model, a.tokenizer, a.dtype)
+    res = suites.chat(model, tok, a.think, a.n, a.max_new_tokens)
+    return res, _suite_table("held-out chat checks", res)
+
+
+def run_rl(a) -> tuple[dict, str]:
+    model, tok = load(a.model, a.tokenizer, a.dtype)
+    res = suites.rl(model, tok, a.n, max_new_tokens=a.max_new_tokens, thinking=a.thinking)
+    return res, _suite_table("held-out RL reward", res)
+
+
+RUNNERS = {"humaneval": run_humaneval, "infill": run_infill, "completion": run_completion, "bpb": run_bpb,
+           "mtp": run_mtp, "chat": run_chat, "rl": run_rl, "passkey": run_passkey, "ppl-by-position": run_ppl}
+
+
+def lm_eval_main(argv: list[str]) -> int:
+    if "--install-hook" in argv:
+        from . import lmeval_hook
+        from .common import purelib
+
+        print(f"wrote {lmeval_hook.write_pth(str(purelib()))}: `lm_eval --model mellum2` now works here")
+        return 0
+    try:
+        from . import lmeval  # lm_eval is an optional dependency
+    except ModuleNotFoundError as e:
+        raise UsageError(f"lm-eval: the lm_eval package is not installed ({e.name})") from None
+    return lmeval.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:
+        return lm_eval_main(argv[1:])
     a = parser().parse_args(argv)
     res, text = RUNNERS[a.task](a)
     print(text)
