@@ -20,7 +20,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "train-mtp": ("mellum2.train.mtp_head", "train an MTP draft head for a frozen checkpoint"),
     "generate": ("mellum2.infer.cli", "generate text (optionally MTP-speculative)"),
     "complete": ("mellum2.infer.cli", "fill-in-the-middle completion"),
-    "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
+    "eval": ("mellum2.eval.cli", "evaluations (humaneval, infill, completion, bpb, mtp, chat, rl, passkey, lm-eval, ...)"),
+    "speedrun": ("mellum2.eval.speedrun", "the whole recipe end to end, every eval, runs/speedrun/report.md"),
     "chat": ("mellum2.chat.cli", "chat with an Instruct/Thinking checkpoint (reasoning, tool calls, MTP)"),
 }
 
