@@ -59,7 +59,7 @@ def model_bits(model, ids: Sequence[int], window: int | None = None, stride: int
     stride = stride or max(1, W // 2)
     if not 1 <= stride <= W:
         raise ValueError(f"bpb: stride {stride} must be in 1..window ({W})")
-    x = torch.tensor(ids)
+    x = torch.tensor(ids, device=model.lm_head.weight.device)
     L = len(ids)
     nats, done, begin = 0.0, 1, 0  # done: index of the first target not yet scored
     while done < L:

@@ -51,6 +51,7 @@ def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="checkpoint directory or training run directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else the corpus's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the model runs (default: cpu)")
     p.add_argument("--json", help="also write the results to this file (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -140,7 +141,7 @@ def run_humaneval(a) -> tuple[dict, str]:
     else:
         if not a.model:
             raise UsageError("humaneval: give --model (to generate) or --completions FILE (to score samples)")
-        model, tok = load(a.model, a.tokenizer, a.dtype)
+        model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
         temp = a.temperature if a.temperature is not None else (0.0 if a.n == 1 else 0.8)
         if a.limit:
             problems = dict(list(problems.items())[:a.limit])
@@ -155,7 +156,7 @@ def run_humaneval(a) -> tuple[dict, str]:
 
 
 def run_bpb(a) -> tuple[dict, str]:
-    model, tok = load(a.model, a.tokenizer, a.dtype)
+    model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
     res = bpb.run(model, tok, a.n, a.seed, a.source, max_bytes=a.max_bytes, window=a.window, stride=a.stride,
                   quiet=a.quiet)
     s = res["summary"]
@@ -164,7 +165,7 @@ def run_bpb(a) -> tuple[dict, str]:
 
 
 def run_passkey(a) -> tuple[dict, str]:
-    model, tok = load(a.model, a.tokenizer, a.dtype)
+    model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
     torch.manual_seed(0)
     res = passkey.run(model, tok, a.lengths, a.depths, a.samples, a.seed)
     rows = [{"length": L, "exact": acc, "digit acc": res["token_acc_by_length"][L],
@@ -173,7 +174,7 @@ def run_passkey(a) -> tuple[dict, str]:
 
 
 def run_ppl(a) -> tuple[dict, str]:
-    model, tok = load(a.model, a.tokenizer, a.dtype)
+    model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
     seqs = longdata.repo_sequences(tok, a.length, a.n, a.source)
     nll = ppl.nll_by_position(model, seqs)
     res = {"buckets": ppl.bucketed(nll, ppl.buckets_for(a.length, a.first_bucket)), "n": len(seqs)}
@@ -191,7 +192,7 @@ def run_infill(a) -> tuple[dict, str]:
         return res, table([{"mode": m, "tasks": c[m], "paper": infill.PAPER_COUNTS[m]} for m in infill.MODES])
     if not a.model:
         raise UsageError("infill: give --model (or --counts for the task counts only)")
-    model, tok = load(a.model, a.tokenizer, a.dtype)
+    model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
     res = infill.run(model, tok, modes, a.limit, a.max_new_tokens, timeout=a.timeout, workers=a.workers, quiet=a.quiet)
     rows = [{"mode": m, "tasks": r["tasks"], "of": res["counts"][m], "pass@1": r["pass@1"],
              "exact match": r["exact_match"]} for m, r in res["modes"].items()]
@@ -199,7 +200,7 @@ def run_infill(a) -> tuple[dict, str]:
 
 
 def run_completion(a) -> tuple[dict, str]:
-    model, tok = load(a.model, a.tokenizer, a.dtype)
+    model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
     res = completion.run(model, tok, a.files, a.lines_per_file, a.contexts, [m for m in a.modes.split(",") if m],
                          root=a.source, quiet=a.quiet)
     head = f"held-out line completion ({res['rows'][0]['tasks']} lines of {res['files']} files)\n"
@@ -208,7 +209,7 @@ def run_completion(a) -> tuple[dict, str]:
 
 
 def run_mtp(a) -> tuple[dict, str]:
-    model, tok = load(a.model, a.tokenizer, a.dtype, mtp=True)
+    model, tok = load(a.model, a.tokenizer, a.dtype, mtp=True, device=a.device)
     res = mtp.run(model, tok, a.files, a.prompt_tokens, a.new_tokens, a.draft_tokens, a.compile, quiet=a.quiet)
     if not res["available"]:
         return res, f"mtp: not available ({res['reason']})"
@@ -225,13 +226,13 @@ def _suite_table(name: str, res: dict) -> str:
 
 
 def run_chat(a) -> tuple[dict, str]:
-    model, tok = load(a.model, a.tokenizer, a.dtype)
+    model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
     res = suites.chat(model, tok, a.think, a.n, a.max_new_tokens)
     return res, _suite_table("held-out chat checks", res)
 
 
 def run_rl(a) -> tuple[dict, str]:
-    model, tok = load(a.model, a.tokenizer, a.dtype)
+    model, tok = load(a.model, a.tokenizer, a.dtype, device=a.device)
     res = suites.rl(model, tok, a.n, max_new_tokens=a.max_new_tokens, thinking=a.thinking)
     return res, _suite_table("held-out RL reward", res)
 

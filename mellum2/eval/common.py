@@ -21,14 +21,17 @@ from mellum2 import atomic
 from mellum2.errors import NotFoundError, UsageError
 
 
-def load(model_dir, tokenizer=None, dtype: str = "float32", mtp: bool = False):
-    """(model, tokenizer) of a checkpoint or training run directory (eval mode, MTP head optional)."""
+def load(model_dir, tokenizer=None, dtype: str = "float32", mtp: bool = False, device: str | None = None):
+    """(model, tokenizer) of a checkpoint or training run directory (eval mode, MTP head optional),
+    on `device` (default: the CPU)."""
     from mellum2.locate import resolve_model_dir, tokenizer_dir
     from mellum2.model import load_pretrained
     from mellum2.tokenizer import Tokenizer
 
     mdir = resolve_model_dir(model_dir, "--model")
     model = load_pretrained(mdir, dtype=dtype, mtp=mtp).eval()
+    if device:
+        model.to(device)
     return model, Tokenizer.load(tokenizer_dir(mdir, tokenizer))
 
 

@@ -74,7 +74,7 @@ def stages(preset: str = "default", device: str | None = None) -> list[Stage]:
     pre = _override(DEMO_ARGS, P["pretrain"]) + ["--samples", "0", "--no-progress", "--no-tensorboard"]
 
     def ev(name, argv, model, needs=None):
-        return Stage(f"eval-{name}", ["eval", *argv, "--model", model, "--json", f"eval/{name}.json", "--quiet"],
+        return Stage(f"eval-{name}", ["eval", *argv, "--model", model, "--json", f"eval/{name}.json", "--quiet", *dev],
                      needs=(needs or model,), result=f"eval/{name}.json")
 
     return [
