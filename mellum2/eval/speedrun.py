@@ -64,7 +64,9 @@ class Stage:
     full_command: bool = False           # argv is a whole command (tests), not mellum2 arguments
 
 
-def stages(preset: str = "default", device: str | None = None) -> list[Stage]:
+def stages(preset: str = "default", device: str | None = None, data: str | None = None) -> list[Stage]:
+    """The stage list of a preset. `data`: an already prepared corpus directory to use (linked as
+    OUT/data) instead of preparing one."""
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     from mellum2.train.pretrain import DEMO_ARGS  # the demo's recipe: what the tuning improves
@@ -77,9 +79,13 @@ def stages(preset: str = "default", device: str | None = None) -> list[Stage]:
         return Stage(f"eval-{name}", ["eval", *argv, "--model", model, "--json", f"eval/{name}.json", "--quiet", *dev],
                      needs=(needs or model,), result=f"eval/{name}.json")
 
+    prepare = Stage("data", ["data", "prepare", "--out", "data", "--vocab-size", str(P["vocab"]), "--no-progress"],
+                    kind="train")
+    if data:
+        link = f"import os; os.path.islink('data') or os.symlink({str(Path(data).resolve())!r}, 'data')"
+        prepare = Stage("data", [sys.executable, "-c", link], kind="train", full_command=True)
     return [
-        Stage("data", ["data", "prepare", "--out", "data", "--vocab-size", str(P["vocab"]), "--no-progress"],
-              kind="train"),
+        prepare,
         Stage("pretrain", ["train", *pre, "--data", "data", "--out", "pretrain", *dev], kind="train",
               needs=("data",), resume=["--resume"], resume_when="pretrain/checkpoints", result="pretrain/summary.json"),
         Stage("long-context", ["train", "--stage", "long-context", "--from", "pretrain", "--data", "data",
@@ -220,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the trainers' choice)")
     ap.add_argument("--out", default="runs/speedrun", help="run directory (report.md goes here)")
     ap.add_argument("--only", help="comma-separated stage names to run (the rest keep their state)")
+    ap.add_argument("--data", help="an already prepared corpus (`mellum2 data prepare --out DIR`) instead of the "
+                                   "data stage")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
-    todo = stages(a.preset, a.device)
+    if a.data and not (Path(a.data) / "index.json").is_file():
+        raise UsageError(f"--data {a.data}: not a prepared corpus (no index.json there)")
+    todo = stages(a.preset, a.device, a.data)
     if a.only:
         names = set(a.only.split(","))
         unknown = names - {s.name for s in todo}
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic.write_json(out / "state.json", state)
     print(f"mellum2 speedrun: preset {a.preset}, {len(todo)} stages -> {out}")
     state = run_stages(todo, out)
-    path = report.write(out, stages(a.preset, a.device), state)
+    path = report.write(out, stages(a.preset, a.device, a.data), state)
     print(f"report: {path}")
     failed = [n for n, r in state["stages"].items() if r.get("status") == "failed"]
     return 1 if failed else 0
