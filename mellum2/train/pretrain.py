@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype; masters are fp32")
     a("--fp8", action="store_true", help="FP8 hybrid for attention projections and experts")
     a("--fp8-backend", choices=("auto", "emulate", "scaled_mm"), default="auto")
+    a("--ep", action="store_true", help="expert parallel over all processes (train/expert_parallel.py)")
     a("--ac", action="store_true", help="activation checkpointing per decoder layer")
     a("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
       help="torch.compile each decoder layer and the loss: on (also plain --compile), off, or auto "
@@ -316,7 +317,8 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
         # a compile failure (an inductor bug, a broken toolchain) falls back to eager for that graph, with
         # dynamo's warning, instead of ending a run nobody asked to compile
         torch._dynamo.config.suppress_errors = True
-    applied = parallelize(model, d, fp8=args.fp8, fp8_backend=args.fp8_backend, ac=args.ac, compile=compile_on,
+    applied = parallelize(model, d, fp8=args.fp8, fp8_backend=args.fp8_backend, ep=args.ep, ac=args.ac,
+                          compile=compile_on,
                           precision=args.precision)
     tap = install_count_reducer(model, d)
     optims = build_optimizers(model, lr, weight_decay=args.weight_decay)
