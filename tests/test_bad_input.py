@@ -149,8 +149,10 @@ def test_non_utf8_prompt_bytes_from_a_shell(ckpt):
 @pytest.mark.parametrize("argv,msg", [
     (["--samples", "0"], "--samples: expected >= 1, got 0"),
     (["--json", "."], "--json .: is a directory"),
-    (["--json", "/nonexistent/dir/out.json"], "does not exist"),
+    (["--json", "NOWHERE/dir/out.json"], "does not exist"),
 ])
-def test_eval_refuses_bad_arguments_before_running(ckpt, capsys, argv, msg):
+def test_eval_refuses_bad_arguments_before_running(ckpt, capsys, tmp_path, argv, msg):
+    argv = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in argv]
     assert mellum2_cli(["eval", "passkey", "--model", str(ckpt), "--lengths", "64", *argv]) == 2
+    assert not (tmp_path / "nowhere").exists()
     assert msg in _one_line_error(capsys, "eval")
