@@ -307,3 +307,16 @@ def test_cli(base, data, tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "saved the thinking model" in r.stdout and (tmp_path / "o" / "config.json").is_file()
+
+
+def test_demo_chat_step_runs(trained, capsys):
+    """The demo's last step (one chat turn, one tool call through `mellum2 chat`'s Chat) on a fine-tuned model."""
+    mode, out = trained
+    if mode != "instruct":
+        pytest.skip("the demo fine-tunes the Instruct variant")
+    from mellum2 import demo
+
+    r = demo.step_chat(out)
+    shown = capsys.readouterr().out
+    assert "> Who are you?" in shown and "> What is 37 * 43? Use the calculator." in shown
+    assert isinstance(r["tool_calls"], list) and isinstance(r["identity"], str)
