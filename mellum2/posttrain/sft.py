@@ -31,6 +31,7 @@ chat_template.jinja) that `mellum2 chat --model OUT`, `mellum2.generate` and tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from mellum2.train.loop import Run, write_json
 from mellum2.train.metrics import MetricsLogger, measure_peak_flops
 from mellum2.train.optim import build_optimizers
 from mellum2.train.parallel import init_distributed, install_count_reducer, parallelize, shutdown
+from mellum2.train.runlock import RunLock
 from mellum2.train.schedule import WarmupHoldDecay
 from mellum2.train.trainer import Trainer
 
@@ -206,10 +208,9 @@ def _check_args(args, cfg: ModelConfig) -> None:
             raise SFTError(f"--{name.replace('_', '-')}: expected a positive number, got {v}")
 
 
-def _prepare_out(out: Path, resume: bool) -> Path | None:
-    if out.exists() and not out.is_dir():
-        raise SFTError(f"--out {out}: exists and is not a directory")
-    found = ckpt.latest(out) if resume else None
+def _prepare_out(out: Path, resume: bool, say=print) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after checking `out` can take this run."""
+    found = ckpt.newest_verified(out, say) if resume else None  # a damaged newer one: named, set aside
     if resume and found is None:
         raise SFTError(f"--resume: no finished checkpoint in {ckpt.checkpoints_root(out)}; run without --resume")
     if not resume and ckpt.list_checkpoints(out):
@@ -217,6 +218,11 @@ def _prepare_out(out: Path, resume: bool) -> Path | None:
                        f"pass --resume to continue it or choose another --out")
     if not resume and (out / "config.json").exists():
         raise SFTError(f"--out {out}: already holds a model (config.json); choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SFTError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
+    ckpt.check_writable(out)
     return found
 
 
@@ -233,7 +239,8 @@ def sft(args) -> Path:
         raise SFTError(f"--from {src}: the model's vocab_size {cfg.vocab_size} is smaller than its tokenizer's "
                        f"{tokenizer.vocab_size} ({tok_dir})")
     out = Path(args.out)
-    found = _prepare_out(out, args.resume)
+    if out.exists() and not out.is_dir():
+        raise SFTError(f"--out {out}: exists and is not a directory")
 
     # ---- data: conversations -> examples -> packed rows (a bad row stops the run before anything is written)
     convs, where = load_data(args.data, args.mode, args.on_error, args.conversations, args.seed)
@@ -258,12 +265,14 @@ def sft(args) -> Path:
                   "total_steps": total_steps, "lr": lr, "warmup_steps": warmup, "weight_decay": args.weight_decay,
                   "clip": args.clip, "precision": args.precision, "fp8": args.fp8, "seed": args.seed}
 
-    if d.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SFTError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
+    with RunLock(out, say=say) if d.is_main else contextlib.nullcontext():  # one writer per run directory
+        found = _prepare_out(out, args.resume, say) if d.is_main else (ckpt.latest(out) if args.resume else None)
+        return _train(args, d, say, src, cfg, tokenizer, out, found, loader, schedule, trajectory, counts, where,
+                      long, total_steps, tps, lr, warmup)
 
+
+def _train(args, d, say, src, cfg, tokenizer, out, found, loader, schedule, trajectory, counts, where, long,
+           total_steps, tps, lr, warmup) -> Path:
     # ---- model, parallelism, optimisers, trainer
     model = ckpt.load_model(found) if found is not None else load_pretrained(src, dtype=torch.float32, cfg=cfg).train()
     model.to(d.device)

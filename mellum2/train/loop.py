@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mellum2 import atomic
+from mellum2.errors import DiskError, describe_os_error
 
 from . import checkpoint as ckpt
 from .errors import TrainingDiverged
@@ -80,13 +81,19 @@ class Run:
         self._saved = self.trainer.step
 
     def save(self) -> None:
-        """Checkpoint the current step (once per step; every rank calls it)."""
+        """Checkpoint the current step (once per step; every rank calls it). Not after non-finite steps:
+        "last good checkpoint" must mean good."""
         tr, d = self.trainer, self.d
         if self._saved == tr.step:
             return
-        self._saved = tr.step
         if self.logger is not None:
             self.logger.log_steps(tr.drain())
+        if tr.bad_streak:  # the weights are the last applied step's, but the state is not a good one
+            if d.is_main:
+                print(f"note: no checkpoint at step {tr.step}: its last {tr.bad_streak} step(s) were non-finite "
+                      f"(last good checkpoint: {ckpt.last_good(self.out) or 'none'})")
+            return
+        self._saved = tr.step
         model_state = full_model_state(self.model, d)
         optim_state = full_optim_state(self.model, self.optims.list, d)
         loaders, rngs = all_gather_objects(self.loader.state_dict(), d), all_gather_objects(rng_state(), d)
@@ -112,8 +119,11 @@ class Run:
             self.save()
         except TrainingDiverged as e:
             logger.log_steps(tr.drain())
+            raise TrainingDiverged(f"{e}; last good checkpoint: {ckpt.last_good(self.out) or 'none'}") from None
+        except OSError as e:  # a full disk or lost permissions while logging
             last = ckpt.list_checkpoints(self.out)
-            raise TrainingDiverged(f"{e}; last good checkpoint: {last[-1][1] if last else 'none'}") from None
+            raise DiskError(f"{describe_os_error(e)}; training stopped at step {tr.step}, last saved checkpoint: "
+                            f"{last[-1][1] if last else 'none'}") from None
         finally:
             logger.close()
 
