@@ -67,9 +67,9 @@ EMBEDDED = "embedded"
 DEFAULT_LR = 3e-5  # Mellum 2's SFT learning rate (12B); small models take a tenth of their own pre-training peak
 AUX_COEF = 1e-4  # Mellum 2's MoE load-balancing coefficient for SFT
 
-# what the demo runs after pre-training `tiny` (docs/posttrain.md has the measured effect)
-DEMO_ARGS = ["--mode", "instruct", "--epochs", "1", "--seq-len", "1024", "--batch-size", "8", "--lr", "1e-3",
-             "--log-every", "5", "--no-tensorboard"]
+# what the demo runs after pre-training `tiny`: a third of the embedded conversations once (~220K tokens)
+DEMO_ARGS = ["--mode", "instruct", "--conversations", "1000", "--epochs", "1", "--seq-len", "1024",
+             "--batch-size", "4", "--lr", "1e-3", "--log-every", "5", "--no-tensorboard"]
 
 
 class SFTError(MellumError):
