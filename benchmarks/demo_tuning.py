@@ -35,14 +35,13 @@ CODE_MIX_LONG_DECAY = json.dumps([
 
 CANDIDATES: dict[str, list[str]] = {
     "report": [],  # the report's curriculum and the preset's lr (3e-3): today's demo recipe
-    "code": ["--phases", CODE_MIX],
+    "code": ["--phases", CODE_MIX],  # = --phases demo (mellum2/data/curriculum.py), what the demo now runs
     "code-lr6e-3": ["--phases", CODE_MIX, "--lr", "6e-3"],
     "code-lr1.5e-3": ["--phases", CODE_MIX, "--lr", "1.5e-3"],
     "code-decay35": ["--phases", CODE_MIX_LONG_DECAY],
     "code-mtp0.3": ["--phases", CODE_MIX, "--mtp-loss-weight", "0.3"],
 }
-if "demo" in PHASE_PRESETS:
-    CANDIDATES["demo"] = ["--phases", "demo"]
+assert [json.loads(CODE_MIX)[k]["mixture"] for k in range(3)] == [p.mixture for p in PHASE_PRESETS["demo"]]
 
 
 def cpu_children() -> float:

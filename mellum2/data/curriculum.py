@@ -55,7 +55,14 @@ DEFAULT_PHASES: tuple[Phase, ...] = (
 
 # named curricula for `mellum2 train --phases NAME`: the report's, and the demo's (what wins at ~1M tokens
 # of `tiny` on the embedded corpus, scored on held-out Python; docs/train.md "The demo's recipe")
-PHASE_PRESETS: dict[str, tuple[Phase, ...]] = {"report": DEFAULT_PHASES}
+# The demo's: the report's budgets and FIM rates, the mixture shifted to code (its held-out text is
+# code: 30/60/10 -> 20/70/10 -> 10/85/5 web/code/math instead of 70/23/6 -> 44/42/14 -> 23/59/18).
+DEMO_PHASES: tuple[Phase, ...] = (
+    Phase("phase1", 0.58, {"web": 30, "code": 60, "math": 10}, fim_rate=0.5),
+    Phase("phase2", 0.26, {"web": 20, "code": 70, "math": 10}, fim_rate=0.1),
+    Phase("phase3", 0.16, {"web": 10, "code": 85, "math": 5}, fim_rate=0.5, fim_code_only=True),
+)
+PHASE_PRESETS: dict[str, tuple[Phase, ...]] = {"report": DEFAULT_PHASES, "demo": DEMO_PHASES}
 
 
 def named_phases(spec: str | None):
