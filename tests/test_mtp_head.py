@@ -122,14 +122,16 @@ def test_cli_adds_a_head_and_saves_atomically(tmp_path):
     rc = mtp_head.main(["--model", str(d), "--data", "synthetic", "--steps", "3", "--batch-size", "2",
                         "--seq-len", "32", "--eval-prompts", "0", "--log-every", "1"])
     assert rc == 0
-    back = load_pretrained(d)
+    assert load_pretrained(d).mtp is None  # the source as it was: the default --out is a new directory
+    out = d.with_name(d.name + "-mtp")
+    back = load_pretrained(out)
     assert back.mtp is not None and back.cfg.num_nextn_predict_layers == 1
     for k, v in m.state_dict().items():  # the trunk as it was
         torch.testing.assert_close(back.state_dict()[k], v)
-    assert (d / "notes.txt").read_text() == "kept"
-    summary = json.loads((d / "mtp_head.json").read_text())
+    assert (out / "notes.txt").read_text() == "kept"
+    summary = json.loads((out / "mtp_head.json").read_text())
     assert summary["had_head"] is False and len(summary["log"]) == 3
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]  # no temp dirs left
 
 
 def test_cli_self_source_to_another_dir(tmp_path):
@@ -154,7 +156,7 @@ def test_failed_save_leaves_the_checkpoint(tmp_path, monkeypatch):
     assert rc == 1
     assert sorted(p.name for p in d.iterdir()) == before
     assert load_pretrained(d).mtp is None
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -123,13 +123,20 @@ def web_reason(doc: Document, cfg: FilterConfig) -> str | None:
     return None
 
 
-def text_reason(doc: Document, cfg: FilterConfig) -> str | None:
-    """The first text-level rule `doc` fails (all domains, then its domain's rules), or None."""
+def length_reason(doc: Document, cfg: FilterConfig) -> str | None:
+    """too_short / too_long (every domain), or None; also what `mellum2 tokenizer train` skips."""
     n = len(doc.text.strip())
     if n < cfg.min_chars:
         return "too_short"
     if n > cfg.max_chars:
         return "too_long"
+    return None
+
+
+def text_reason(doc: Document, cfg: FilterConfig) -> str | None:
+    """The first text-level rule `doc` fails (all domains, then its domain's rules), or None."""
+    if reason := length_reason(doc, cfg):
+        return reason
     if doc.domain == "code":
         return code_reason(doc, cfg)
     if doc.domain == "web":

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from mellum2 import atomic
-from mellum2.errors import run_stage
+from mellum2.errors import UsageError, run_stage
 from mellum2.locate import resolve_model_dir, tokenizer_dir
 from mellum2.model import load_pretrained
 from mellum2.tokenizer import Tokenizer
@@ -68,8 +69,22 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_args(a) -> None:
+    """Refuse what would fail only after the model ran: nothing to evaluate, an unwritable --json."""
+    for name in (("samples",) if a.task == "passkey" else ("n", "length", "first_bucket")):
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
+    if a.json:
+        p = Path(a.json)
+        if p.is_dir():
+            raise UsageError(f"--json {p}: is a directory (expected a file name)")
+        if not p.resolve().parent.is_dir():
+            raise UsageError(f"--json {p}: the directory {p.resolve().parent} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    _check_args(a)
     mdir = resolve_model_dir(a.model, "--model")
     model = load_pretrained(mdir, dtype=a.dtype, mtp=False)
     tok = Tokenizer.load(tokenizer_dir(mdir, a.tokenizer))

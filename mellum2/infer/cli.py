@@ -36,6 +36,33 @@ class CliError(MellumError):
     """A bad prompt or sampling option of `mellum2 generate` / `complete`."""
 
 
+# drafts per speculative step: the one MTP head is reused for each, so acceptance falls quickly with
+# depth; beyond this a step costs more than it can save (and drafts would run past short contexts)
+MAX_DRAFT_TOKENS = 8
+
+
+def _int(s: str) -> int:
+    """An integer, also written as 1e9 (as long as it is whole)."""
+    try:
+        v = float(s)
+        if v != int(v):
+            raise ValueError
+        return int(v)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def utf8_text(text: str, flag: str) -> str:
+    """`text` as given on the command line, refused when it holds bytes that are not UTF-8 (Python
+    keeps them as lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise CliError(f"{flag}: not valid UTF-8 (byte 0x{bad.hex()} at character {e.start})") from None
+    return text
+
+
 def resolve_tokenizer(arg: str | None, model_dir: Path) -> Tokenizer:
     """`--tokenizer DIR` when given, else the tokenizer found next to the model (mellum2.locate)."""
     return Tokenizer.load(tokenizer_dir(model_dir, arg))
@@ -58,7 +85,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     a("--tokenizer", default=None, help="tokenizer directory (default: found next to the model)")
     a("--max-new-tokens", type=int, default=256)
     a("--temperature", type=float, default=0.0, help="0 = greedy")
-    a("--top-k", type=int, default=None)
+    a("--top-k", type=_int, default=None, help="keep the k most likely tokens (capped at the vocabulary size)")
     a("--top-p", type=float, default=None)
     a("--min-p", type=float, default=None)
     a("--repetition-penalty", type=float, default=1.0)
@@ -66,7 +93,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     a("--seed", type=int, default=None)
     a("--stop", action="append", default=[], help="stop string (repeatable)")
     a("--speculative", action="store_true", help="MTP self-speculative decoding")
-    a("--draft-tokens", type=int, default=1, help="drafts per step with --speculative (the head reused)")
+    a("--draft-tokens", type=int, default=1,
+      help=f"drafts per step with --speculative (the head reused; capped at {MAX_DRAFT_TOKENS})")
     a("--full-draft-vocab", action="store_true", help="ignore the checkpoint's draft_vocab.json")
     a("--dtype", choices=sorted(DTYPES), default="fp32")
     a("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -97,17 +125,39 @@ class TextStream:
         self.out.flush()
 
 
+def _check_args(cmd: str, args) -> None:
+    """Arguments refused or capped before the model is loaded."""
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads: expected >= 1, got {args.threads}")
+    if args.draft_tokens > MAX_DRAFT_TOKENS:
+        print(f"note: --draft-tokens {args.draft_tokens} capped to {MAX_DRAFT_TOKENS} (more drafts from the one MTP "
+              f"head are rarely accepted)", file=sys.stderr)
+        args.draft_tokens = MAX_DRAFT_TOKENS
+    for flag in (("--prompt",) if cmd == "generate" else ("--prefix", "--suffix")):
+        value = getattr(args, flag[2:])
+        if value is not None:
+            utf8_text(value, flag)
+
+
 def run(cmd: str, args) -> int:
+    _check_args(cmd, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     mdir = resolve_model_dir(args.model, "--model")
     tok = resolve_tokenizer(args.tokenizer, mdir)
     model = load_pretrained(mdir, dtype=DTYPES[args.dtype])
+    if args.top_k is not None and args.top_k > model.cfg.vocab_size:
+        print(f"note: --top-k {args.top_k} capped to the vocabulary size {model.cfg.vocab_size} (no top-k cut)",
+              file=sys.stderr)
+        args.top_k = model.cfg.vocab_size
     if cmd == "generate":
         try:
             text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
         except OSError as e:
             raise CliError(f"--prompt-file {describe_os_error(e)}") from None
+        except UnicodeDecodeError as e:
+            raise CliError(f"--prompt-file {args.prompt_file}: not valid UTF-8 (byte 0x{e.object[e.start:e.start + 1].hex()} "
+                           f"at offset {e.start})") from None
         ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(text, allow_special=False)
         stop_ids = tuple(i for i in (tok.eot_id, tok.eos_id) if i is not None)
         if not ids:

@@ -1,173 +1,133 @@
-"""The inference engine: token ids in, a stream of tokens out. One engine for the CLI, evaluation,
-RL rollouts and the server; tokenizer-agnostic (stop strings come through a detokenize callback).
+"""The inference engine: a scheduler of requests over one model (continuous batching). Token ids in,
+a stream of tokens out; one engine for `mellum2.generate`, the CLI, evaluation, RL rollouts and the
+server; tokenizer-agnostic (stop strings come through a detokenize callback).
 
-A call: validate the requests, allocate a KVCache for the batch (kvcache.py), prefill all prompts in
-one right-padded forward, then decode: one token per row per step (plain), or 1..k+1 tokens per row
-per step with MTP self-speculation (speculative.py). Each row has its own SamplingParams, stop
-tokens/strings and token budget; a finished row stops advancing (it is computed but frozen until the
-whole batch is done; continuous batching would refill its slot: the cache's per-row positions
-already allow a new prompt in one row).
+The request API: `submit(prompt_ids, params) -> request id`, `cancel(rid)`, `step() -> [Delta]`,
+`has_work()`, `run_until_done() -> {rid: Result}`, a background driver (`start()`/`stop()`) with a
+thread-safe `stream(rid)` iterator or a per-request callback, and `stats()`. `generate(prompts)` /
+`stream(prompts)` (a batch in, results out) are thin loops over it.
 
-What runs on the device per step is `Fast`/`Reference` forward + sampling, with static shapes and no
-host syncs; the loop then copies the step's tokens to the host once (streaming and stop checks need
-them). `Engine(compile=True)` compiles the plain decode step, and the whole greedy speculative step
-(verify, accept, MTP, next drafts), with torch.compile over a static cache.
+A step: take new requests and cancels; admit waiting requests into free rows ("slots") of the KV
+pool (one KVCache of max_num_seqs rows, each row one request's positions: full layers hold the whole
+context, sliding layers a ring); one decode forward over every decoding row (one token each, or
+k+1 with MTP speculation: `speculative.speculative_step`); one prefill forward of at most
+`prefill_chunk` prompt tokens of the requests being admitted (so a long prompt does not stall the
+running streams, as Sarathi-Serve / vLLM's chunked prefill); then finished requests leave. Rows are
+kept contiguous (decoding rows first, then the prefilling ones, which `prefill_chunk` makes at most
+one partly done): a leaving request's row is refilled by moving later rows down, so every forward is
+over a slice of the pool, a view without copies. A full pool queues requests (waiting, FIFO).
 
-Follows nanochat's Engine (one engine shared by chat/eval/RL) and gpt-fast (static cache, compiled
-step, speculative decoding as one function).
+With a prefix cache (`prefix_cache_tokens` > 0, prefix.py) an admitted request copies the cached KV
+of its prompt's leading blocks into its row and prefills the rest only.
+
+Failures stay inside requests: an exception in a request's callbacks (detokenize) ends that request
+("error"); an exception in a batched forward reruns its rows one at a time, and only the rows that
+fail alone end with "error". The engine keeps serving.
+
+Per step the device runs `Fast`/`Reference` forward + sampling with no host syncs; the host then reads
+the step's tokens once (streaming and stop checks need them). `Engine(compile=True)` compiles the
+plain decode step and the greedy speculative step per batch size and context bucket.
+
+Follows nanochat's Engine (one engine shared by chat/eval/RL), vLLM's scheduler (continuous batching,
+chunked prefill, automatic prefix caching) and gpt-fast (static cache, compiled step, speculative
+decoding as one function).
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from mellum2.model.transformer import Mellum2
 
-from .forward import Fast, Reference, _one_row_gemms
+from .forward import Fast, Reference
 from .kvcache import KVCache
+from .prefix import PrefixCache
+from .request import DECODE, FINISHED, PREFILL, WAITING, Delta, Request, Result, Stats
 from .sampling import Sampler, SamplingParams
-from .speculative import draft, gather_rows, verify
+from .speculative import draft, gather_rows, speculative_step
+from .batch import Generation
+from .steps import CompiledSteps
+
+__all__ = ["Engine", "Generation", "Delta", "Result", "Stats", "engine_for"]
 
 NO_MTP_NOTICE = ("this checkpoint has no MTP head (num_nextn_predict_layers=0): speculative decoding is off, "
                  "generating normally. `mellum2 train-mtp --model DIR` trains a head for it.")
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    compile_s: float = 0.0  # part of decode_s spent compiling steps (Engine(compile=True), first calls)
-    decode_tokens: int = 0  # new tokens after the first (the first comes from the prefill)
-    steps: int = 0  # decode forward passes
-    speculative: bool = False
-    draft_tokens: int = 0  # k
-    drafted: int = 0  # drafts proposed to rows that were still generating
-    accepted: int = 0
-    verify_rows: int = 0  # (row, step) pairs that verified drafts
-    notice: str | None = None
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens emitted per trunk pass per row: 1 + accepted drafts (1.0 without speculation)."""
-        return (self.accepted + self.verify_rows) / self.verify_rows if self.verify_rows else 1.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode speed, compiling excluded."""
-        t = self.decode_s - self.compile_s
-        return self.decode_tokens / t if t > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d.update(acceptance=self.acceptance, mean_accepted_length=self.mean_accepted_length,
-                 tokens_per_s=self.tokens_per_s)
-        return d
-
-
-@dataclass
-class Result:
-    tokens: list[int] = field(default_factory=list)  # new tokens; a stop token that ended the row is included
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
-    stop: int | str | None = None  # what matched
-    stats: Stats = field(default_factory=Stats)  # of the whole call (shared by a batch's rows)
-
-
-@dataclass
-class Delta:
-    """New tokens of one row in one step (streaming)."""
-    row: int
-    tokens: list[int]
-    logprobs: list[float] | None = None
-    finish_reason: str | None = None
-
-
-class _Row:
-    """Host-side state of one request: emitted tokens, stop matching, budget."""
-
-    def __init__(self, params: SamplingParams, eos_ids, detok):
-        self.p, self.res = params, Result()
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.detok = detok
-        self.tail = max((len(s) for s in params.stop), default=0) * 4 + 4  # tokens that can hold a stop string
-        if params.logprobs:
-            self.res.logprobs = []
-        if params.top_logprobs:
-            self.res.top_logprobs = []
-        self.done = params.max_new_tokens == 0
-        if self.done:
-            self.res.finish_reason = "length"
-
-    def push(self, toks: list[int], lps=None, tops=None) -> list[int]:
-        """Append tokens until a stop or the budget; returns what was appended."""
-        out = []
-        for i, t in enumerate(toks):
-            if self.done:
-                break
-            out.append(t)
-            self.res.tokens.append(t)
-            if self.res.logprobs is not None:
-                self.res.logprobs.append(lps[i])
-            if self.res.top_logprobs is not None:
-                self.res.top_logprobs.append(tops[i][: self.p.top_logprobs])
-            if t in self.stop_ids:
-                self.done, self.res.finish_reason, self.res.stop = True, "stop", t
-            elif self.p.stop and self._stop_string():
-                self.done, self.res.finish_reason = True, "stop"
-            elif len(self.res.tokens) >= self.p.max_new_tokens:
-                self.done, self.res.finish_reason = True, "length"
-        return out
-
-    def _stop_string(self) -> bool:
-        """A stop string that ends in the text of the newest token (decoding only a short tail)."""
-        tail = self.res.tokens[-self.tail:]
-        now, before = self.detok(tail), self.detok(tail[:-1])
-        for s in self.p.stop:
-            if s in now and s not in before:
-                self.res.stop = s
-                return True
-        return False
+AUTO_ROWS = 256  # max_num_seqs=None: the pool grows to the requests at hand, up to this many rows
 
 
 class Engine:
-    """Batched, streaming generation over a Mellum2 model (see the module docstring).
+    """Continuous-batching generation over a Mellum2 model (see the module docstring).
 
     fast: the decode fast path (forward.Fast) instead of the model's own trunk code (Reference).
-    prefill_chunk: prompts are prefilled this many positions at a time.
-    compile: torch.compile the plain decode step and the greedy speculative step over a static cache
-    of the model's full context (CPU: inductor's C++ wrapper; CUDA: mode="reduce-overhead", a CUDA
-    graph); the MoE then takes the sync-free `gather` path. On this CPU 1.6-1.9x the eager decode
-    after a 10-20 s compile per graph (docs/inference.md "Compiled steps")."""
+    max_num_seqs: rows of the KV pool (requests decoding at once; more wait). None: grown to the
+      requests at hand whenever the engine is idle (what a batched `generate` wants).
+    max_model_len: longest prompt + max_new_tokens accepted (default: the model's context); with
+      max_num_seqs it fixes the pool's size. None: each pool is sized to the requests at hand.
+    prefill_chunk: prompt tokens prefilled per step (all admitted requests together).
+    speculative, draft_tokens: MTP self-speculative decoding with k drafts for every request (when the
+      model has an MTP head; `generate(speculative=...)` switches it while the engine is idle).
+    prefix_cache_tokens: prompt tokens whose KV the prefix cache may hold (0: off); prefix_block: its
+      block size in tokens.
+    compile: torch.compile the plain decode step and the greedy speculative step (CPU: inductor's C++
+      wrapper; CUDA: mode="reduce-overhead"), one graph per batch size and context bucket, over a pool
+      of the model's full context (docs/inference.md "Compiled steps")."""
 
     def __init__(self, model: Mellum2, fast: bool = True, compile: bool = False, moe: str = "auto",
-                 draft_vocab=None, prefill_chunk: int = 1024):
+                 draft_vocab=None, prefill_chunk: int = 1024, max_num_seqs: int | None = None,
+                 max_model_len: int | None = None, speculative: bool = False, draft_tokens: int = 1,
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16, detokenize: Callable | None = None):
         if not isinstance(model, Mellum2):
             raise TypeError(f"Engine: expected a mellum2 Mellum2 model, got {type(model).__name__}")
-        if prefill_chunk < 1:
-            raise ValueError(f"Engine: prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        for name, v, lo in (("prefill_chunk", prefill_chunk, 1), ("draft_tokens", draft_tokens, 1),
+                            ("prefix_block", prefix_block, 1), ("prefix_cache_tokens", prefix_cache_tokens, 0)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"Engine: {name} must be an int >= {lo}, got {v!r}")
+        if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):
+            raise ValueError(f"Engine: max_num_seqs must be None or an int >= 1, got {max_num_seqs!r}")
+        ctx = model.cfg.max_position_embeddings
+        if max_model_len is not None and (not isinstance(max_model_len, int) or not 1 < max_model_len <= ctx):
+            raise ValueError(f"Engine: max_model_len must be an int in [2, {ctx}] (the model's "
+                             f"max_position_embeddings), got {max_model_len!r}")
         self.model = model  # no train/eval switch: Mellum2 has no dropout, and RL callers keep their mode
         self.cfg = model.cfg
+        self.prefill_chunk, self.max_num_seqs, self.max_model_len = prefill_chunk, max_num_seqs, max_model_len
+        self.detokenize = detokenize
         self.fwd = Fast(model, moe) if fast else Reference(model)
         if draft_vocab is not None:
             self.set_draft_vocab(draft_vocab)
         self._versions = self._weight_versions()
         self.compile = compile
-        self.compile_s = 0.0  # seconds spent compiling steps so far
-        self._compiled: dict = {}  # ("plain", hi) / ("spec", k, hi) -> a compiled step over the static cache
-        self._static_cache: KVCache | None = None
+        self.compiled = CompiledSteps(self.fwd, self.device)  # used when compile=True
+        self.prefix = PrefixCache(prefix_block, prefix_cache_tokens // prefix_block)
+        # the pool and its per-row device state (row = slot; see the module docstring)
+        self.pool: KVCache | None = None
+        self._views: dict = {}
+        self._rows: list[Request] = []  # by slot: decoding, then prefilling
+        self._tok_S1 = self._n_S = self._drafts_Sk = self._q_SkV = None
+        self._sampler_key, self._sampler = None, None
+        # requests: every live one by id; the waiting queue; what other threads hand over
+        self._reqs: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()
+        self._inbox: deque[Request] = deque()
+        self._cancels: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.last_finished: list[Request] = []
+        self.totals = dict(prompt_tokens=0, cached_tokens=0, new_tokens=0, steps=0, prefill_steps=0,
+                           drafted=0, accepted=0, requests=0, errors=0)
+        self._rate: deque = deque()  # (time, tokens) of recent steps, for tokens/s
+        self.speculative, self.k, self.notice = False, draft_tokens, None
+        self._set_mode(speculative, draft_tokens)
 
+    # ------------------------------------------------------------------ model
     @property
     def device(self):
         return self.model.lm_head.weight.device
@@ -177,15 +137,27 @@ class Engine:
         return self.model.lm_head.weight.dtype
 
     @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling steps so far."""
+        return self.compiled.compile_s
+
+    @property
     def has_mtp(self) -> bool:
         return self.model.mtp is not None
 
     def _weight_versions(self) -> tuple:
         """In-place updates (optimizer steps, load_state_dict) bump tensor versions, `.to()` makes new
-        tensors: the fast path re-reads the weights when this key changes."""
+        tensors: the fast path re-reads the weights (and the prefix cache empties) when this key changes."""
         w = self.model.lm_head.weight
         ps = list(self.model.parameters())
         return sum(p._version for p in ps), len(ps), id(self.model.mtp), w.dtype, w.device, w.data_ptr()
+
+    def _check_weights(self) -> None:
+        if self._weight_versions() != self._versions:
+            self.fwd.refresh()
+            self.cfg = self.model.cfg
+            self._versions = self._weight_versions()
+            self.prefix.clear()
 
     def set_draft_vocab(self, ids) -> None:
         """Speculative drafts only from these token ids (see forward.Fast.set_draft_vocab); None: all."""
@@ -197,298 +169,513 @@ class Engine:
                 raise ValueError(f"Engine.set_draft_vocab: expected a non-empty list of ids in "
                                  f"[0, {self.cfg.vocab_size})")
         self.fwd.set_draft_vocab(ids)
-        self._compiled = {}  # compiled speculative steps traced the old draft head
+        if hasattr(self, "compiled"):
+            self.compiled.clear()  # compiled speculative steps traced the old draft head
 
-    # ------------------------------------------------------------------ public
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 speculative: bool = False, draft_tokens: int = 1, detokenize: Callable | None = None) -> list[Result]:
-        run = self.stream(prompts, params, speculative, draft_tokens, detokenize)
-        for _ in run:
-            pass
-        return run.results
+    def _set_mode(self, speculative: bool, k: int) -> None:
+        """Speculation on/off and k for every request; only while no request is in the engine."""
+        if k < 1:
+            raise ValueError(f"generate: draft_tokens must be >= 1, got {k}")
+        self.notice = None
+        if speculative and not self.has_mtp:
+            speculative, self.notice = False, NO_MTP_NOTICE
+            warnings.warn(f"mellum2: {NO_MTP_NOTICE}", stacklevel=4)
+        if (bool(speculative), k) == (self.speculative, self.k):
+            return
+        if self.has_work():
+            raise RuntimeError(f"Engine: cannot switch to speculative={speculative} draft_tokens={k} while "
+                               f"requests run with speculative={self.speculative} draft_tokens={self.k}")
+        self.speculative, self.k = bool(speculative), k
+        self.prefix.clear()  # the MTP layer's entries exist only when speculating
 
-    def stream(self, prompts, params=None, speculative: bool = False, draft_tokens: int = 1,
-               detokenize: Callable | None = None) -> "Generation":
-        """An iterable of Delta (tokens per row per step); `.results` / `.stats` once exhausted."""
-        return Generation(self, prompts, params, speculative, draft_tokens, detokenize)
+    # ------------------------------------------------------------------ the request API
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
+               *, detokenize: Callable | None = None, callback: Callable[[Delta], None] | None = None,
+               stats: Stats | None = None) -> str:
+        """Queue a request; its id (request_id, or a new one). Thread-safe. Bad input raises ValueError.
+        callback(delta) is called on the engine's thread with each of its Deltas; stats: count into
+        this object (a batch's shared Stats) instead of the request's own."""
+        params = SamplingParams() if params is None else params
+        detok = detokenize or self.detokenize
+        prompt = self._validate(prompt_ids, params, detok, "prompt")
+        req = Request(prompt, params, request_id, self.cfg.eos_ids, detok, self.device)
+        if stats is not None:
+            req.res.stats = stats
+        req.callback = callback
+        with self._lock:
+            if req.id in self._reqs:
+                raise ValueError(f"submit: request id {req.id!r} is already in the engine")
+            self._reqs[req.id] = req
+            if self._thread is not None:
+                req.listen()  # the driver may produce its first Delta before stream(rid) is called
+            self._inbox.append(req)
+        self._wake.set()
+        return req.id
 
-    # ------------------------------------------------------------------ internals
-    def _check(self, prompts, params, speculative, draft_tokens, detokenize):
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("generate: no prompts given")
-        V = self.cfg.vocab_size
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"generate: prompt {i} is empty (give at least one token, e.g. the bos id)")
-            bad = [t for t in p if not 0 <= t < V]
-            if bad:
-                raise ValueError(f"generate: prompt {i} has token ids outside the vocabulary [0, {V}): {bad[:5]}")
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        params = list(params)
-        if len(params) != len(prompts):
-            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
-        if any(p.stop for p in params) and detokenize is None:
-            raise ValueError("generate: stop strings need a detokenize callback (ids -> str); the engine is "
-                             "tokenizer-agnostic")
-        if draft_tokens < 1:
-            raise ValueError(f"generate: draft_tokens must be >= 1, got {draft_tokens}")
-        need = max(map(len, prompts)) + max(p.max_new_tokens for p in params)
-        if need > self.cfg.max_position_embeddings:
-            raise ValueError(f"generate: prompt ({max(map(len, prompts))} tokens) + max_new_tokens exceeds the "
-                             f"model's max_position_embeddings={self.cfg.max_position_embeddings}")
-        return prompts, params
+    def cancel(self, request_id: str) -> None:
+        """End a request at the next step (finish_reason "cancelled"); unknown or finished ids are ignored."""
+        self._cancels.append(request_id)
+        self._wake.set()
 
-    def _cache(self, B, capacity, k1, mtp):
-        cap = self.cfg.max_position_embeddings
-        if self.compile and isinstance(self.fwd, Fast) and capacity <= cap:
-            c = self._static_cache
-            # one static cache serves every call it is big enough for (a plain step runs on a cache
-            # built for k drafts and the MTP layer), so alternating calls do not recompile
-            if c is None or (c.batch, c.dtype) != (B, self.dtype) or c.step_tokens < k1 or (mtp and not c.has_mtp):
-                if c is not None and (c.batch, c.dtype) == (B, self.dtype):
-                    k1, mtp = max(k1, c.step_tokens), mtp or c.has_mtp
-                c = self._static_cache = KVCache(self.cfg, B, cap, self.dtype, self.device, step_tokens=k1, mtp=mtp)
-                self._compiled = {}
-            c.reset()
-            return c
-        return KVCache(self.cfg, B, capacity, self.dtype, self.device, step_tokens=k1, mtp=mtp)
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._waiting or self._rows or self._cancels)
 
-    def _compile(self, fn):
-        if self.device.type == "cuda":
-            return torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
-        # a C++ wrapper calls the kernels: no Python per kernel (1.2x the Python wrapper here)
-        return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
-
-    def _decode_fn(self, cache):
-        """The plain decode step (trunk + head on one token per row); compiled when asked."""
-        fwd = self.fwd
-        if not self.compile or cache is not self._static_cache:
-            return lambda ids, pos, hi: fwd.head(fwd.trunk(ids, pos, cache, hi=hi))
-        one_row = isinstance(fwd, Fast) and fwd._bf16_cpu and cache.batch == 1
-
-        def make(hi):  # the step for one context bucket (a host int: static in the graph)
-            def step(ids, pos):
-                return fwd.head(fwd.trunk(ids, pos, cache, hi=hi))
-            return step
-
-        def run(ids, pos, hi):
-            hb = _bucket(hi, cache.capacity)
-            with _one_row_gemms(one_row):
-                return self._step(("plain", hb), lambda: make(hb), ids, pos)
-        return run
-
-    def _spec_fn(self, cache, k: int):
-        """The greedy speculative step as one compiled graph over the static cache (None when not
-        compiling): verify [x_n, d_1..d_k], accept while drafts equal the trunk's argmax, the MTP
-        layer over all k+1 positions (the eager loop runs it over the accepted ones only; the rest
-        are rewritten before any query can see them), then the next k drafts. No host sync inside:
-        the host reads the emitted tokens and the accepted counts once per step."""
-        if not self.compile or cache is not self._static_cache:
-            return None
-        fwd = self.fwd
-
-        def make(hi):  # the step for one context bucket (a host int: static in the graph)
-            def step(tok_B1, drafts_Bk, n_B, active_B):
-                pos_BT = n_B[:, None] + torch.arange(k + 1, device=n_B.device)
-                h_BTD = fwd.trunk(torch.cat([tok_B1, drafts_Bk], 1), pos_BT, cache, hi=hi)
-                logits_BTV = fwd.head(h_BTD)
-                out_BT, m_B, _ = verify(None, logits_BTV, drafts_Bk, None)
-                y_BD = fwd.mtp(h_BTD, out_BT, pos_BT, cache, hi=hi, pick_B=m_B)[:, 0]
-                tok_B = gather_rows(out_BT, m_B)
-                n_B = n_B + (m_B + 1) * active_B.long()
-                drafts_Bk, _ = draft(fwd, None, cache, y_BD, tok_B, n_B, k, hi=hi)
-                return out_BT, m_B, logits_BTV, tok_B[:, None], drafts_Bk, n_B
-            return step
-
-        def run(tok_B1, drafts_Bk, n_B, active_B, hi):
-            # past the last position a draft of this step writes (verify's hi + k + 1, as the eager loop)
-            hb = _bucket(hi + k + 1, cache.capacity)
-            return self._step(("spec", k, hb), lambda: make(hb), tok_B1, drafts_Bk, n_B, active_B)
-        return run
-
-    def _step(self, key, build, *args):
-        """Call the compiled step `key`, compiling build() at its first call. Every context bucket
-        recompiles the same Python function, so the first call lifts dynamo's per-function
-        recompile limit (8), which a long context's dozen buckets would exceed."""
-        if self.device.type == "cuda":  # a new CUDA-graph step: the previous step's outputs were consumed
-            torch.compiler.cudagraph_mark_step_begin()
-        fn = self._compiled.get(key)
-        if fn is not None:
-            return fn(*args)
-        fn = self._compiled[key] = self._compile(build())
-        t0 = time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
-            out = fn(*args)
-        self.compile_s += time.perf_counter() - t0  # compiling (one step's run is noise next to it)
+    def run_until_done(self) -> dict[str, Result]:
+        """Step until no request is left; the Results of the requests that finished meanwhile."""
+        out = {}
+        while self.has_work():
+            self.step()
+            for r in self.last_finished:
+                out[r.id] = r.res
         return out
 
+    def stream(self, request, params=None, speculative: bool = False, draft_tokens: int = 1,
+               detokenize: Callable | None = None):
+        """stream(request_id): an iterator of that request's Deltas until its finished one; thread-safe
+        (with the driver running it waits on the request's queue, else it steps the engine itself).
+        stream(prompts, params, ...): a batched generate call as an iterator (`Generation`)."""
+        if not isinstance(request, str):
+            return Generation(self, request, params, speculative, draft_tokens, detokenize)
+        with self._lock:
+            req = self._reqs.get(request)
+            if req is None:
+                raise KeyError(f"Engine.stream: no request {request!r} in the engine (finished or never submitted)")
+            q = req.listen()
+        return self._follow(q)
 
-def _bucket(hi: int, capacity: int) -> int:
-    """The compiled steps attend over the first `bucket` slots of the full layers: hi rounded up to a
-    power of two (at least 128), at most the capacity, so a few graphs cover every context length
-    and a short context does not pay for attending over the whole static cache."""
-    b = 128
-    while b < hi:
-        b *= 2
-    return min(b, capacity)
-
-
-class Generation:
-    """One generate call as an iterator of Delta; results and stats when done."""
-
-    def __init__(self, engine: Engine, prompts, params, speculative, draft_tokens, detokenize):
-        self.engine = engine
-        self.prompts, self.params = engine._check(prompts, params, speculative, draft_tokens, detokenize)
-        self.stats = Stats(prompt_tokens=sum(map(len, self.prompts)))
-        self.k = draft_tokens
-        self.speculative = bool(speculative)
-        if self.speculative and not engine.has_mtp:
-            self.speculative = False
-            self.stats.notice = NO_MTP_NOTICE
-            warnings.warn(f"mellum2: {NO_MTP_NOTICE}", stacklevel=3)
-        self.stats.speculative = self.speculative
-        self.stats.draft_tokens = self.k if self.speculative else 0
-        self.rows = [_Row(p, engine.cfg.eos_ids, detokenize) for p in self.params]
-        self.results = [r.res for r in self.rows]
-        for r in self.results:
-            r.stats = self.stats
-        self._it = None
-
-    def __iter__(self) -> Iterator[Delta]:
-        if self._it is None:
-            self._it = self._run()
-        return self._it
-
-    # ------------------------------------------------------------------ the loop
-    @torch.no_grad()
-    def _run(self) -> Iterator[Delta]:
-        eng, prompts = self.engine, self.prompts
-        if eng._weight_versions() != eng._versions:
-            eng.fwd.refresh()
-            eng.cfg = eng.model.cfg
-            eng._versions = eng._weight_versions()
-        dev, B = eng.device, len(prompts)
-        k = self.k if self.speculative else 0
-        lens = [len(p) for p in prompts]
-        P = max(lens)
-        # a row that ends inside an accepted block has advanced up to k positions past its budget and
-        # keeps verifying k+1 tokens from there until the batch is done
-        capacity = P + max(p.max_new_tokens for p in self.params) + 2 * k + 1
-        cache = eng._cache(B, capacity, k + 1, self.speculative)
-        sampler = Sampler(self.params, eng.cfg.vocab_size, dev, prompts)
-        if all(r.done for r in self.rows):
-            return
-
-        # ---- prefill: right-padded prompts, per-row positions 0..len-1 (pads after: never seen),
-        # in chunks so masks and activations stay bounded for long prompts
-        t0 = time.perf_counter()
-        ids_BT = torch.tensor([p + [p[-1]] * (P - len(p)) for p in prompts], device=dev)
-        pos_BT = torch.arange(P, device=dev).expand(B, P)
-        lens_B = torch.tensor(lens, device=dev)
-        valid_BT = pos_BT < lens_B[:, None]
-        C = eng.prefill_chunk
-        h_BTD = torch.cat([eng.fwd.trunk(ids_BT[:, a:a + C], pos_BT[:, a:a + C], cache,
-                                         valid_BT=valid_BT[:, a:a + C], hi=min(a + C, P))
-                           for a in range(0, P, C)], 1)
-        last_B = lens_B - 1
-        logits_B1V = eng.fwd.head(gather_rows(h_BTD, last_B)[:, None])
-        tok_B1 = sampler.sample(logits_B1V)
-        sampler.observe(tok_B1)
-        n_B = lens_B.clone()  # position of the newest token (sampled, not yet in the cache)
-        n_host = list(lens)
-        if self.speculative:
-            # the MTP layer over the prompt: (h_t, x_{t+1}) for t < len, x_len the token just sampled
-            next_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, -1:]], 1).scatter(1, last_B[:, None], tok_B1)
-            # (its MLP only at each row's last position, the one that drafts: the rest only fill the cache)
-            y_BD = None
-            for a in range(0, P, C):
-                e = min(a + C, P)
-                y = eng.fwd.mtp(h_BTD[:, a:e], next_BT[:, a:e], pos_BT[:, a:e], cache, hi=e,
-                                pick_B=(last_B - a).clamp(0, e - a - 1))[:, 0]
-                y_BD = y if y_BD is None else torch.where(((last_B >= a) & (last_B < e))[:, None], y, y_BD)
-            drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, y_BD, tok_B1[:, 0], n_B, k, hi=P + k + 1)
-        self.stats.prefill_s = time.perf_counter() - t0
-        yield from self._emit(tok_B1, logits_B1V, sampler, [0] * B)
-        first = self.stats.new_tokens
-        active_B = torch.tensor([not r.done for r in self.rows], device=dev)
-
-        # ---- decode
-        t0, c0 = time.perf_counter(), eng.compile_s
-        step = eng._decode_fn(cache)
-        # greedy speculation without penalties compiles into one graph per step (see Engine._spec_fn)
-        spec_step = eng._spec_fn(cache, k) if self.speculative and sampler.plain_greedy else None
-        while not all(r.done for r in self.rows):
-            hi = max(n_host) + k + 1
-            if not self.speculative:
-                logits_B1V = step(tok_B1, n_B[:, None], hi)
-                tok_B1 = sampler.sample(logits_B1V)
-                if sampler.penalties:
-                    sampler.observe(tok_B1)
-                n_B = n_B + active_B.long()
-                m_host = [0] * B
-                out_BT, logits_BTV = tok_B1, logits_B1V
-            elif spec_step is not None:
-                out_BT, m_B, logits_BTV, tok_B1, drafts_Bk, n_B = spec_step(tok_B1, drafts_Bk, n_B, active_B, hi)
-                m_host = m_B.tolist()
+    def _follow(self, q: queue.Queue) -> Iterator[Delta]:
+        while True:
+            if self._thread is not None:
+                d = q.get()
             else:
-                ids_BT = torch.cat([tok_B1, drafts_Bk], 1)
-                pos_BT = n_B[:, None] + torch.arange(k + 1, device=dev)
-                h_BTD = eng.fwd.trunk(ids_BT, pos_BT, cache, hi=hi)
-                logits_BTV = eng.fwd.head(h_BTD)
-                out_BT, m_B, _ = verify(sampler, logits_BTV, drafts_Bk, q_BkV)
-                m_host = m_B.tolist()
-                if sampler.penalties:
-                    sampler.observe(out_BT, torch.arange(k + 1, device=dev) <= m_B[:, None])
-                # the MTP layer catches up over the positions some row kept (later ones are rewritten)
-                c = max(m_host) + 1
-                y_BD = eng.fwd.mtp(h_BTD[:, :c], out_BT[:, :c], pos_BT[:, :c], cache, hi=hi, pick_B=m_B)[:, 0]
-                tok_B1 = gather_rows(out_BT, m_B)[:, None]
-                n_B = n_B + (m_B + 1) * active_B.long()
-                drafts_Bk, q_BkV = draft(eng.fwd, sampler, cache, y_BD, tok_B1[:, 0], n_B, k, hi=hi + k + 1)
-            if self.speculative:
-                for b, r in enumerate(self.rows):
-                    if not r.done:
-                        self.stats.drafted += k
-                        self.stats.accepted += m_host[b]
-                        self.stats.verify_rows += 1
-            self.stats.steps += 1
-            was_done = [r.done for r in self.rows]
-            yield from self._emit(out_BT, logits_BTV, sampler, m_host)
-            for b, r in enumerate(self.rows):
-                if not was_done[b]:
-                    n_host[b] += m_host[b] + 1
-            if any(r.done != d for r, d in zip(self.rows, was_done)):
-                active_B = torch.tensor([not r.done for r in self.rows], device=dev)
-        self.stats.decode_s = time.perf_counter() - t0
-        self.stats.compile_s = eng.compile_s - c0
-        self.stats.decode_tokens = self.stats.new_tokens - first
+                try:
+                    d = q.get_nowait()
+                except queue.Empty:
+                    if not self.has_work():
+                        return
+                    self.step()
+                    continue
+            yield d
+            if d.finished:
+                return
 
-    def _emit(self, out_BT, logits_BTV, sampler: Sampler, m_host) -> Iterator[Delta]:
-        """Copy a step's tokens to the host (the loop's one sync) and hand them to the rows."""
+    def _follow_all(self, q: queue.Queue, more: Callable[[], bool]) -> Iterator[Delta]:
+        """Deltas put on q (by the requests' callbacks) while more(): waits on the driver thread if it
+        runs, else steps the engine in this thread."""
+        while more():
+            if self._thread is not None:
+                yield q.get()
+                continue
+            try:
+                yield q.get_nowait()
+            except queue.Empty:
+                self.step()
+
+    def start(self) -> None:
+        """Drive the engine from a background thread (submit/cancel/stream from any thread)."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        with self._lock:
+            for r in self._reqs.values():
+                r.listen()
+        self._thread = threading.Thread(target=self._loop, name="mellum2-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the driver after its current step (requests stay in the engine)."""
+        t = self._thread
+        if t is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        t.join()
+        self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.has_work():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a failure outside any one request: end them all, go on
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def stats(self) -> dict:
+        """running, waiting, KV pool use, tokens/s over the last seconds, prefix cache and speculation."""
+        now = time.perf_counter()
+        while self._rate and self._rate[0][0] < now - 10:
+            self._rate.popleft()
+        span = now - self._rate[0][0] if len(self._rate) > 1 else 0.0
+        toks = sum(n for _, n in list(self._rate)[1:])
+        rows = list(self._rows)
+        pool = self.pool
+        used = sum(r.n + 1 if r.state == DECODE else r.done_prompt for r in rows)
+        t = self.totals
+        return dict(
+            running=sum(r.state == DECODE for r in rows), prefilling=sum(r.state == PREFILL for r in rows),
+            waiting=len(self._waiting) + len(self._inbox),
+            kv_slots=pool.batch if pool else 0, kv_slots_used=len(rows),
+            kv_tokens=pool.batch * pool.capacity if pool else 0, kv_tokens_used=used,
+            kv_use=used / (pool.batch * pool.capacity) if pool else 0.0,
+            tokens_per_s=toks / span if span > 0 else 0.0,
+            speculative=self.speculative, draft_tokens=self.k if self.speculative else 0,
+            acceptance=t["accepted"] / t["drafted"] if t["drafted"] else 0.0,
+            prefix_cache_blocks=len(self.prefix), prefix_cache_bytes=self.prefix.nbytes(),
+            compile_s=self.compile_s, compiled_graphs=len(self.compiled.graphs), **t)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, prompt_ids, params: SamplingParams, detok, label: str) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(-1).tolist()
+        prompt = [int(t) for t in prompt_ids]
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"submit: expected SamplingParams, got {type(params).__name__}")
+        if not prompt:
+            raise ValueError(f"generate: {label} is empty (give at least one token, e.g. the bos id)")
+        V = self.cfg.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"generate: {label} has token ids outside the vocabulary [0, {V}): {bad[:5]}")
+        if params.stop and detok is None:
+            raise ValueError("generate: stop strings need a detokenize callback (ids -> str); the engine is "
+                             "tokenizer-agnostic")
+        limit = self.max_model_len or self.cfg.max_position_embeddings
+        if len(prompt) + params.max_new_tokens > limit:
+            raise ValueError(f"generate: {label} ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                             f"exceeds max_model_len={limit} (the model's max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings})")
+        return prompt
+
+    # ------------------------------------------------------------------ a step
+    @torch.no_grad()
+    def step(self) -> list[Delta]:
+        """One scheduling step (module docstring): the Deltas it produced, every request's in order."""
+        deltas: list[Delta] = []
+        self.last_finished = []
+        self._check_weights()
+        self._take_inbox(deltas)
+        self._admit(deltas)
+        n_dec = next((i for i, r in enumerate(self._rows) if r.state != DECODE), len(self._rows))
+        if n_dec:
+            self._guarded(self._decode, 0, n_dec, deltas)
+        pre = self._prefill_group()
+        if pre:
+            self._guarded(self._prefill, pre[0], pre[1], deltas)
+        self._compact()
+        self._publish(deltas)
+        return deltas
+
+    def _take_inbox(self, deltas) -> None:
+        with self._lock:
+            new, self._inbox = list(self._inbox), deque()
+            cancels, self._cancels = set(self._cancels), deque()
+        for r in new:
+            self.totals["requests"] += 1
+            self.totals["prompt_tokens"] += len(r.prompt)
+            if r.p.max_new_tokens == 0:
+                deltas.append(r.finish("length"))
+            else:
+                self._waiting.append(r)
+        for rid in cancels:
+            r = self._reqs.get(rid)
+            if r is None or r.finished:
+                continue
+            if r.state == WAITING:
+                self._waiting.remove(r)
+            deltas.append(r.finish("cancelled"))
+
+    def _publish(self, deltas) -> None:
+        now = time.perf_counter()
+        self._rate.append((now, sum(len(d.token_ids) for d in deltas)))
+        if len(self._rate) > 4096:
+            self._rate.popleft()
+        ended = []
+        for d in deltas:
+            r = self._reqs.get(d.request_id)
+            if r is None:
+                continue
+            self.totals["new_tokens"] += len(d.token_ids)
+            r.publish(d)
+            if r.callback is not None:
+                try:
+                    r.callback(d)
+                except Exception:  # noqa: BLE001 - a consumer's callback cannot stop the engine
+                    pass
+            if d.finished:
+                ended.append(r)
+                if d.finish_reason == "error":
+                    self.totals["errors"] += 1
+        with self._lock:
+            for r in ended:
+                self._reqs.pop(r.id, None)
+        self.last_finished = ended
+
+    def _fail_all(self, msg: str) -> None:
+        deltas = [r.finish("error", msg) for r in list(self._rows) + list(self._waiting) if not r.finished]
+        self._rows, self._waiting = [], deque()
+        self._sampler_key = None
+        self._publish(deltas)
+
+    def _guarded(self, fn, a: int, b: int, deltas) -> None:
+        """fn over rows a..b-1; if it raises, again one row at a time, and a row that fails alone ends
+        with finish_reason "error" (the others of the batch are unaffected)."""
+        try:
+            fn(a, b, deltas)
+            return
+        except Exception as e:  # noqa: BLE001
+            if b - a == 1:
+                r = self._rows[a]
+                deltas.append(r.finish("error", f"{type(e).__name__}: {e}"))
+                return
+        for i in range(a, b):
+            if not self._rows[i].finished:
+                self._guarded(fn, i, i + 1, deltas)
+
+    # ------------------------------------------------------------------ the pool
+    def _need(self, r: Request) -> int:
+        return len(r.prompt) + r.p.max_new_tokens + 2 * self.k + 1
+
+    def _ensure_pool(self) -> bool:
+        """(Re)build the pool while no row is in use when it cannot hold the next waiting requests;
+        False when the head of the queue must wait for rows to free."""
+        head = self._waiting[0]
+        kk = self.k + 1 if self.speculative else 1
+        p = self.pool
+        fits = (p is not None and p.capacity >= self._need(head) and p.step_tokens >= kk
+                and (p.has_mtp or not self.speculative) and (p.dtype, p.device) == (self.dtype, self.device))
+        if fits and (self._rows or self.max_num_seqs is not None or p.batch >= min(len(self._waiting), AUTO_ROWS)):
+            return len(self._rows) < p.batch
+        if self._rows:
+            return fits and len(self._rows) < p.batch
+        rows = self.max_num_seqs or max(min(len(self._waiting), AUTO_ROWS), p.batch if p is not None else 1)
+        if self.compile:
+            cap = self.cfg.max_position_embeddings + 2 * self.k + 1
+        elif self.max_model_len is not None:
+            cap = self.max_model_len + 2 * self.k + 1
+        else:
+            cap = max(self._need(r) for r in list(self._waiting)[:rows])
+            if p is not None and (p.dtype, p.device) == (self.dtype, self.device):
+                cap = max(cap, p.capacity)
+        self.pool = KVCache(self.cfg, rows, cap, self.dtype, self.device, step_tokens=kk, mtp=self.speculative)
+        self._views = {}
+        self.compiled.clear()  # compiled steps captured the old pool's views
+        S, dev = rows, self.device
+        self._tok_S1 = torch.zeros(S, 1, dtype=torch.long, device=dev)
+        self._n_S = torch.zeros(S, dtype=torch.long, device=dev)
+        self._drafts_Sk = torch.zeros(S, self.k, dtype=torch.long, device=dev)
+        self._q_SkV, self._q_ok = None, [False] * S
+        if p is not None and (p.dtype, p.device) != (self.dtype, self.device):
+            self.prefix.clear()  # its blocks are in the old dtype / on the old device
+        return True
+
+    def _view(self, a: int, b: int, fresh: bool = False) -> KVCache:
+        if fresh:
+            return self.pool.rows(a, b, fresh=True)
+        v = self._views.get((a, b))
+        if v is None:
+            v = self._views[(a, b)] = self.pool.rows(a, b)
+        return v
+
+    def _admit(self, deltas) -> None:
+        while self._waiting and self._ensure_pool():
+            r = self._waiting.popleft()
+            r.slot, r.state = len(self._rows), PREFILL
+            self._rows.append(r)
+            self.pool.clear_row(r.slot)
+            n = self.prefix.load(self.pool, r, mtp=self.speculative)
+            self.totals["cached_tokens"] += n
+
+    def _compact(self) -> None:
+        """Drop finished rows; move later rows down into the holes (rows stay contiguous)."""
+        if not any(r.finished for r in self._rows):
+            return
+        keep = [r for r in self._rows if not r.finished]
+        for t, r in enumerate(keep):
+            if r.slot != t:
+                src = r.slot
+                self.pool.move_row(src, t, (r.n + 2 * self.k + 2) if r.state == DECODE else r.done_prompt)
+                for x in (self._tok_S1, self._n_S, self._drafts_Sk, self._q_SkV):
+                    if x is not None:
+                        x[t] = x[src]
+                self._q_ok[t] = self._q_ok[src]
+                r.slot = t
+        self._rows = keep
+
+    def _sampler_for(self, rows: list[Request]) -> Sampler:
+        """The Sampler of these rows (rebuilt when the batch changes): the requests' own generators and
+        penalty memory (their rows of the new Sampler's memory from then on)."""
+        key = tuple(r.id for r in rows)
+        if key == self._sampler_key:
+            return self._sampler
+        s = Sampler([r.p for r in rows], self.cfg.vocab_size, self.device, [r.prompt for r in rows],
+                    gens=[r.gen for r in rows])
+        for b, r in enumerate(rows):
+            for mem, name in ((s.seen_BV, "seen_V"), (s.out_BV, "out_V")):
+                if mem is not None:
+                    if getattr(r, name) is not None:
+                        mem[b] = getattr(r, name)
+                    setattr(r, name, mem[b])
+        self._sampler_key, self._sampler = key, s
+        return s
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, a: int, b: int, deltas) -> None:
+        rows = self._rows[a:b]
+        B, k = b - a, self.k
+        view = self._view(a, b)
+        sampler = self._sampler_for(rows)
+        tok_B1, n_B = self._tok_S1[a:b], self._n_S[a:b]
+        hi = max(r.n for r in rows) + (k + 1 if self.speculative else 1)
+        extra = None
+        if not self.speculative:
+            if self.compile:
+                logits_BTV = self.compiled.plain(view, a, tok_B1, n_B[:, None], hi)
+            else:
+                logits_BTV = self.fwd.head(self.fwd.trunk(tok_B1, n_B[:, None], view, hi=hi))
+            out_BT, p_BTV = sampler.sample_with_probs(logits_BTV)
+            if sampler.penalties:
+                sampler.observe(out_BT)
+            self._tok_S1[a:b], self._n_S[a:b] = out_BT, n_B + 1
+            m_host = [0] * B
+        else:
+            extra = self._drafts_Sk[a:b].clone()  # what this step verifies (the penalties' context)
+            if sampler.plain_greedy and self.compile:
+                res = self.compiled.speculative(view, a, k, tok_B1, extra, n_B, hi)
+            else:
+                q = None if sampler.plain_greedy else self._q_rows(a, b)
+                res = speculative_step(self.fwd, sampler, view, tok_B1, extra, q, n_B, k, hi)
+            out_BT, m_B, logits_BTV, p_BTV, tok_B1, drafts_Bk, q_BkV, n_B = res
+            self._tok_S1[a:b], self._n_S[a:b], self._drafts_Sk[a:b] = tok_B1, n_B, drafts_Bk
+            self._set_q(a, b, q_BkV)
+            m_host = m_B.tolist()
+        self.totals["steps"] += 1
+        self._emit(rows, out_BT, logits_BTV, p_BTV, sampler, m_host, deltas, extra)
+        for r, m in zip(rows, m_host):
+            r.n += m + 1
+            if self.speculative:
+                st = r.res.stats
+                st.drafted, st.accepted, st.verify_rows = st.drafted + k, st.accepted + m, st.verify_rows + 1
+                self.totals["drafted"] += k
+                self.totals["accepted"] += m
+
+    def _q_rows(self, a, b):
+        """The draft distributions of rows a..b-1 (one-hot of a greedy draft where none was kept)."""
+        if self._q_SkV is None:
+            self._q_SkV = torch.zeros(self.pool.batch, self.k, self.cfg.vocab_size, device=self.device)
+        for i in range(a, b):
+            if not self._q_ok[i]:
+                self._q_SkV[i].zero_().scatter_(-1, self._drafts_Sk[i][:, None], 1.0)
+                self._q_ok[i] = True
+        return self._q_SkV[a:b]
+
+    def _set_q(self, a, b, q_BkV):
+        if q_BkV is None:
+            self._q_ok[a:b] = [False] * (b - a)
+        else:
+            if self._q_SkV is None:
+                self._q_SkV = torch.zeros(self.pool.batch, self.k, self.cfg.vocab_size, device=self.device)
+            self._q_SkV[a:b] = q_BkV
+            self._q_ok[a:b] = [True] * (b - a)
+
+    def _emit(self, rows, out_BT, logits_BTV, p_BTV, sampler: Sampler, m_host, deltas, extra=None) -> None:
+        """Copy a step's tokens to the host (the step's one sync) and hand them to the requests.
+        p_BTV: the distributions the tokens were drawn from (None: plain greedy)."""
         toks = out_BT.tolist()
         lps = tops = None
         if sampler.want_logprobs:
-            chosen, top = sampler.logprobs(logits_BTV, out_BT)
+            chosen, top = sampler.logprobs(logits_BTV, out_BT, extra, p_BTV)
             lps = chosen.tolist()
             if top is not None:
                 tv, ti = top.values.tolist(), top.indices.tolist()
                 tops = [[list(zip(ti[b][j], tv[b][j])) for j in range(len(ti[b]))] for b in range(len(ti))]
-        for b, r in enumerate(self.rows):
-            if r.done:
-                continue
+        for b, r in enumerate(rows):
             n = m_host[b] + 1
-            got = r.push(toks[b][:n], lps[b][:n] if lps else None, tops[b][:n] if tops else None)
-            self.stats.new_tokens += len(got)
-            if got:
-                yield Delta(b, got, r.res.logprobs[-len(got):] if r.res.logprobs is not None else None,
-                            r.res.finish_reason if r.done else None)
+            try:
+                d = r.push(toks[b][:n], lps[b][:n] if lps else None, tops[b][:n] if tops else None)
+            except Exception as e:  # noqa: BLE001 - e.g. the request's detokenize callback
+                d = r.finish("error", f"{type(e).__name__}: {e}")
+            if d is not None:
+                deltas.append(d)
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill_group(self):
+        """Rows a..b-1 to prefill this step: the prefilling rows in order while the chunk budget lasts."""
+        first = next((i for i, r in enumerate(self._rows) if r.state == PREFILL), None)
+        if first is None:
+            return None
+        budget, b = self.prefill_chunk, first
+        while b < len(self._rows) and budget > 0 and self._rows[b].state == PREFILL:
+            budget -= min(self._rows[b].remaining_prompt, budget)
+            b += 1
+        return first, b
+
+    def _prefill(self, a: int, b: int, deltas) -> None:
+        rows = self._rows[a:b]
+        budget, takes = self.prefill_chunk, []
+        for r in rows:
+            takes.append(min(r.remaining_prompt, budget))
+            budget -= takes[-1]
+        dev, cap = self.device, self.pool.capacity
+        T = max(takes)
+        starts = [r.done_prompt for r in rows]
+        ids = [r.prompt[s:s + t] + [r.prompt[s + t - 1]] * (T - t) for r, s, t in zip(rows, starts, takes)]
+        ids_BT = torch.tensor(ids, device=dev)
+        pos_BT = (torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)).clamp(max=cap - 1)
+        valid_BT = torch.arange(T, device=dev) < torch.tensor(takes, device=dev)[:, None]
+        view = self._view(a, b, fresh=all(s == 0 for s in starts))
+        capture = self.prefix.max_blocks > 0
+        if capture:
+            view.capture = []
+        hi = max(s + t for s, t in zip(starts, takes))
+        h_BTD = self.fwd.trunk(ids_BT, pos_BT, view, valid_BT=valid_BT, hi=hi)
+        last_B = torch.tensor(takes, device=dev) - 1
+        done = [s + t == len(r.prompt) for r, s, t in zip(rows, starts, takes)]
+        c = sum(done)  # the completed rows are the first c (only the last row of a group can be partial)
+        if c:
+            logits_c1V = self.fwd.head(gather_rows(h_BTD[:c], last_B[:c])[:, None])
+            sampler = self._sampler_for(rows[:c])
+            tok_c1, p_c1V = sampler.sample_with_probs(logits_c1V)
+            if sampler.penalties:
+                sampler.observe(tok_c1)
+        if self.speculative:
+            # the MTP layer over the chunk: (h_t, x_{t+1}); x after a completed prompt is the sampled token
+            nxt = [r.prompt[s + t] if s + t < len(r.prompt) else 0 for r, s, t in zip(rows, starts, takes)]
+            nxt_B = torch.tensor(nxt, device=dev)
+            if c:
+                nxt_B[:c] = tok_c1[:, 0]
+            next_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, -1:]], 1).scatter(1, last_B[:, None], nxt_B[:, None])
+            y_BD = self.fwd.mtp(h_BTD, next_BT, pos_BT, view, hi=hi, pick_B=last_B)[:, 0]
+        if capture:
+            self.prefix.keep(rows, takes, view.capture)
+            view.capture = None
+        for r, t in zip(rows, takes):
+            r.done_prompt += t
+        self.totals["prefill_steps"] += 1
+        if not c:
+            return
+        n_c = torch.tensor([len(r.prompt) for r in rows[:c]], device=dev)
+        self._tok_S1[a:a + c], self._n_S[a:a + c] = tok_c1, n_c
+        if self.speculative:
+            drafts, q = draft(self.fwd, sampler, self._view(a, a + c), y_BD[:c], tok_c1[:, 0], n_c, self.k,
+                              hi=max(len(r.prompt) for r in rows[:c]) + self.k + 1)
+            self._drafts_Sk[a:a + c] = drafts
+            self._set_q(a, a + c, q)
+        for r in rows[:c]:
+            r.state, r.n = DECODE, len(r.prompt)
+            self.prefix.store(r)
+        self._emit(rows[:c], tok_c1, logits_c1V, p_c1V, sampler, [0] * c, deltas)
+
+    # ------------------------------------------------------------------ batched calls (thin loops)
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 speculative: bool = False, draft_tokens: int = 1, detokenize: Callable | None = None) -> list[Result]:
+        run = Generation(self, prompts, params, speculative, draft_tokens, detokenize)
+        for _ in run:
+            pass
+        return run.results
 
 
 ATTR = "_mellum2_engine"

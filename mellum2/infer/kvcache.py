@@ -64,6 +64,7 @@ class KVCache:
         self._ninf = torch.full((), float("-inf"), dtype=dtype, device=device)
         self._empty = True  # the rings hold nothing yet (host-side: a prefill then skips them)
         self._step = None
+        self.capture: list | None = None  # when a list: attend appends (layer, k, v) of every step (prefix caching)
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
@@ -73,6 +74,51 @@ class KVCache:
     def reset(self) -> None:
         self.ring_pos_BR.fill_(EMPTY)  # full layers need no reset: causality hides unwritten slots
         self._empty = True
+
+    # ------------------------------------------------------------------ rows as slots (continuous batching)
+    def rows(self, a: int, b: int, fresh: bool = False) -> "KVCache":
+        """A cache over rows a..b-1 that shares this one's storage (slicing the batch axis of a
+        contiguous buffer is a contiguous view: `write` and the ring bookkeeping work unchanged).
+        fresh: those rows' rings hold nothing yet (a first prefill chunk may skip them)."""
+        if not 0 <= a < b <= self.batch:
+            raise ValueError(f"KVCache.rows: rows {a}..{b - 1} outside a cache of {self.batch} rows")
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.batch = b - a
+        view.k, view.v = [t[a:b] for t in self.k], [t[a:b] for t in self.v]
+        view.ring_pos_BR = self.ring_pos_BR[a:b]
+        view._empty, view._step, view.capture = fresh, None, None
+        return view
+
+    def clear_row(self, b: int) -> None:
+        """Forget row b's rings (a new request takes the slot; its full layers need nothing)."""
+        self.ring_pos_BR[b].fill_(EMPTY)
+
+    def move_row(self, src: int, dst: int, upto: int) -> None:
+        """Copy row src into row dst: full layers' first `upto` slots, the whole rings."""
+        for K, V, r in zip(self.k, self.v, self.is_ring):
+            n = K.shape[2] if r else min(upto, K.shape[2])
+            K[dst, :, :n] = K[src, :, :n]
+            V[dst, :, :n] = V[src, :, :n]
+        self.ring_pos_BR[dst] = self.ring_pos_BR[src]
+
+    def load_row(self, b: int, kv: list, m: int) -> None:
+        """Row b holds positions 0..m-1 from `kv` (per layer (k [G, m, d], v), e.g. from the prefix
+        cache): full layers at slot = position, rings the last R positions at position mod R, so the
+        ring state is the one a prefill of those m tokens leaves."""
+        for i, (K, V, r) in enumerate(zip(self.k, self.v, self.is_ring)):
+            k_GMd, v_GMd = kv[i]
+            if not r:
+                K[b, :, :m], V[b, :, :m] = k_GMd, v_GMd
+                continue
+            lo = max(0, m - self.ring)
+            slots = torch.arange(lo, m, device=K.device) % self.ring
+            K[b, :, slots], V[b, :, slots] = k_GMd[:, lo:m], v_GMd[:, lo:m]
+        if self.ring:
+            lo = max(0, m - self.ring)
+            pos = torch.arange(lo, m, device=self.ring_pos_BR.device)
+            self.ring_pos_BR[b].fill_(EMPTY)
+            self.ring_pos_BR[b, pos % self.ring] = pos
 
     # ------------------------------------------------------------------ a step
     def begin(self, pos_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, hi: int | None = None,
@@ -144,6 +190,8 @@ class KVCache:
     def attend(self, layer_idx: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor):
         s = self._step
         K, V = self.k[layer_idx], self.v[layer_idx]
+        if self.capture is not None:
+            self.capture.append((layer_idx, k_BGTd.to(K.dtype), v_BGTd.to(V.dtype)))
         if not self.is_ring[layer_idx]:
             write(K, V, s.full_idx, k_BGTd, v_BGTd)
             if s.hi < K.shape[2]:

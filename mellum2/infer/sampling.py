@@ -10,7 +10,12 @@ temperature, top-k, top-p (nucleus, Holtzman et al. 2019), min-p (Nguyen et al. 
 is what lossless speculative verification needs for both the target and the draft; `sample()` draws
 from it with the exponential race (argmax p / E, E ~ Exp(1): an exact draw from p) using one
 torch.Generator per row, so a request's seed gives the same tokens whatever batch it runs in.
-Logprobs are the model's raw distribution (log_softmax of the unprocessed logits), what RL needs.
+Logprobs (`logprobs_mode`, per request) of each emitted token:
+- "raw" (default): log_softmax of the model's logits, nothing applied (vLLM's raw_logprobs);
+- "scaled": log_softmax(logits / temperature) (raw for greedy rows): the policy's own distribution
+  at that temperature, which RL's importance ratios need (the "inference" logprobs);
+- "processed": log of the distribution the token was actually drawn from, after penalties,
+  temperature, top-k, top-p and min-p (0 for a greedy row's argmax; -inf outside the kept set).
 
 Shapes: B rows, N positions per row (1 when decoding plainly, k+1 when verifying k drafts), V vocab.
 """
@@ -20,6 +25,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+
+
+LOGPROBS_MODES = ("raw", "scaled", "processed")
 
 
 @dataclass
@@ -37,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # per-token logprob of each new token
     top_logprobs: int = 0  # and the n most likely alternatives at each step
+    logprobs_mode: str = "raw"  # "raw", "scaled" or "processed" (module docstring)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -62,6 +71,8 @@ class SamplingParams:
             bad("repetition_penalty", "a number > 0 (1 = off)")
         if self.top_logprobs < 0:
             bad("top_logprobs", "an int >= 0")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            bad("logprobs_mode", f"one of {LOGPROBS_MODES}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "non-empty strings")
 
@@ -76,7 +87,8 @@ class SamplingParams:
 class Sampler:
     """The sampling state of one batch: per-row parameters as tensors, generators, penalty memory."""
 
-    def __init__(self, params: list[SamplingParams], vocab: int, device, prompts: list[list[int]] | None = None):
+    def __init__(self, params: list[SamplingParams], vocab: int, device, prompts: list[list[int]] | None = None,
+                 gens: list[torch.Generator] | None = None):
         self.params, self.V, self.device = params, vocab, device
         B = len(params)
         f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
@@ -97,9 +109,13 @@ class Sampler:
         self.pres_B11 = f([p.presence_penalty for p in params])[:, None, None]
         self.want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
         self.n_top = max((p.top_logprobs for p in params), default=0)
-        self.gens = [torch.Generator(device=device) for _ in params]
-        for g, p in zip(self.gens, params):
-            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ()).item()))
+        self.modes = {p.logprobs_mode for p in params if p.logprobs or p.top_logprobs}
+        self.mode_B = [p.logprobs_mode for p in params]
+        if gens is None:  # a request's generator lives with the request (engine); standalone: one per row
+            gens = [torch.Generator(device=device) for _ in params]
+            for g, p in zip(gens, params):
+                g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ()).item()))
+        self.gens = gens
         # penalty memory: tokens seen in prompt or output (repetition), in output only (presence)
         self.seen_BV = self.out_BV = None
         if self.any_rep:
@@ -221,9 +237,29 @@ class Sampler:
             return logits_BNV.argmax(-1)
         return self.draw(self.probs(logits_BNV))
 
-    def logprobs(self, logits_BNV: torch.Tensor, tok_BN: torch.Tensor):
-        """(logprob of each chosen token [B, N], (top logprobs [B, N, n], their ids)) under the raw model."""
-        lp = logits_BNV.float().log_softmax(-1)
+    def sample_with_probs(self, logits_BNV: torch.Tensor):
+        """`sample`, and the distributions drawn from (None on the plain greedy path)."""
+        if self.plain_greedy:
+            return logits_BNV.argmax(-1), None
+        p = self.probs(logits_BNV)
+        return self.draw(p), p
+
+    def logprobs(self, logits_BNV: torch.Tensor, tok_BN: torch.Tensor, extra_BE: torch.Tensor | None = None,
+                 p_BNV: torch.Tensor | None = None):
+        """(logprob of each chosen token [B, N], (top logprobs [B, N, n], their ids)), each row under its
+        logprobs_mode (module docstring). extra_BE: as in `probs` (drafts before the block); p_BNV: the
+        distributions the tokens were drawn from, when at hand (else recomputed for "processed")."""
+        x = logits_BNV.float()
+        lp = None
+        for mode in sorted(self.modes) or ["raw"]:
+            if mode == "raw":
+                m = x.log_softmax(-1)
+            elif mode == "scaled":
+                m = (x / self.temp_B11).log_softmax(-1)
+            else:
+                m = (p_BNV if p_BNV is not None else self.probs(logits_BNV, extra_BE)).log()
+            rows = torch.tensor([mb == mode for mb in self.mode_B], device=x.device)[:, None, None]
+            lp = m if lp is None else torch.where(rows, m, lp)
         chosen = lp.gather(-1, tok_BN[..., None])[..., 0]
         top = lp.topk(self.n_top, dim=-1) if self.n_top else None
         return chosen, top

@@ -88,3 +88,25 @@ def verify(sampler: Sampler, logits_BTV, drafts_Bk, q_BkV):
     drafts_pad = torch.cat([drafts_Bk, t_B[:, None]], 1)
     out_BT = torch.where(j_T < m_B[:, None], drafts_pad, t_B[:, None])
     return out_BT, m_B, p_BTV
+
+
+def speculative_step(fwd, sampler: Sampler | None, cache: KVCache, tok_B1, drafts_Bk, q_BkV, n_B, k: int, hi: int):
+    """One speculative decode step, the same code eager and compiled (sampler None: every row plain
+    greedy, no host sync inside, so it traces into one graph): the trunk verifies [x_n, d_1..d_k] at
+    positions n..n+k, drafts are accepted (`verify`), the MTP layer runs over all k+1 positions (those
+    after a row's accepted ones are rewritten before any query can see them), then the next k drafts.
+    hi: host-known bound on the trunk's positions + 1. Returns (out_BT, m_B, logits_BTV, p_BTV, tok_B1,
+    drafts_Bk, q_BkV, n_B): emitted tokens (the first m+1 of each row), drafts accepted, the trunk's
+    logits and the distributions its tokens were drawn from (None: plain greedy), the newest token,
+    the next drafts and their distributions, its position."""
+    pos_BT = n_B[:, None] + torch.arange(k + 1, device=n_B.device)
+    h_BTD = fwd.trunk(torch.cat([tok_B1, drafts_Bk], 1), pos_BT, cache, hi=hi)
+    logits_BTV = fwd.head(h_BTD)
+    out_BT, m_B, p_BTV = verify(sampler, logits_BTV, drafts_Bk, q_BkV)
+    if sampler is not None and sampler.penalties:
+        sampler.observe(out_BT, torch.arange(k + 1, device=n_B.device) <= m_B[:, None])
+    y_BD = fwd.mtp(h_BTD, out_BT, pos_BT, cache, hi=hi, pick_B=m_B)[:, 0]
+    tok_B = gather_rows(out_BT, m_B)
+    n_B = n_B + m_B + 1
+    drafts_Bk, q_BkV = draft(fwd, sampler, cache, y_BD, tok_B, n_B, k, hi=hi + k + 1)
+    return out_BT, m_B, logits_BTV, p_BTV, tok_B[:, None], drafts_Bk, q_BkV, n_B

@@ -7,10 +7,17 @@ Conventions: "active" parameters count K/E of every expert tensor and the embedd
 convention behind Mellum 2's "about 2.44B active"). FLOPs count 2 per multiply-accumulate; training
 = 3x forward (backward = 2x forward); attention FLOPs use the average number of keys a query sees
 under the causal mask (and the window on sliding layers).
+
+`check_memory` compares a model's size with the memory available on its device before anything is
+allocated, so a config with an absurd field is refused with its name instead of failing in the allocator.
 """
 from __future__ import annotations
 
-from .config import ModelConfig
+import os
+
+import torch
+
+from .config import ConfigError, ModelConfig
 
 
 def _attn_params(cfg: ModelConfig) -> int:
@@ -87,3 +94,47 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int = 2, batch: 
     if mtp and cfg.num_nextn_predict_layers:
         n += context
     return batch * n * per
+
+
+# what names each component's size, for the message of a model that cannot fit
+_SIZE_FIELDS = {"embedding": "vocab_size x hidden_size", "lm_head": "vocab_size x hidden_size",
+                "experts": "num_hidden_layers x num_experts x 3 x moe_intermediate_size x hidden_size",
+                "dense_mlp": "num_hidden_layers x 3 x intermediate_size x hidden_size",
+                "attention": "num_hidden_layers x (num_attention_heads + num_key_value_heads) x 2 x head_dim x hidden_size",
+                "router": "num_hidden_layers x num_experts x hidden_size", "norms": "hidden_size"}
+
+
+def available_memory(device) -> int | None:
+    """Bytes that can be allocated now on `device`: free GPU memory, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "meta":
+        return None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: ModelConfig, bytes_per_param: float, device="cpu", what: str = "the weights",
+                 where: str = "the model config") -> int:
+    """Refuse, before anything is allocated, a model whose `what` (bytes_per_param per parameter, MTP
+    included) cannot fit in the memory available on `device`: ConfigError naming the largest part and
+    the fields that size it. Returns the estimate in bytes."""
+    t = param_table(cfg)
+    need = int(count_params(cfg, "all") * bytes_per_param)
+    free = available_memory(device)
+    if free is not None and need > free:
+        part, n = max(((k, v) for p in t.values() for k, v in p.items()), key=lambda kv: kv[1])
+        raise ConfigError(f"{where}: {what} need ~{need / 2**30:,.1f} GiB ({count_params(cfg, 'all'):,} parameters x "
+                          f"{bytes_per_param:g} bytes) but {free / 2**30:,.1f} GiB is available on {device}; the "
+                          f"largest part is {part} ({n:,} parameters: {_SIZE_FIELDS.get(part, part)}, vocab_size "
+                          f"{cfg.vocab_size}, hidden_size {cfg.hidden_size})")
+    return need

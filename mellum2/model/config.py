@@ -31,6 +31,23 @@ _OUR_FIELDS = ("num_nextn_predict_layers", "mtp_loss_weight", "router_z_loss_coe
 _HF_RENAMES = {"num_local_experts": "num_experts"}
 
 
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "moe_intermediate_size", "num_experts_per_tok",
+               "num_experts", "head_dim", "num_nextn_predict_layers")
+_NUMBER_FIELDS = (("initializer_range", 0.0, None), ("rms_norm_eps", 0.0, None), ("attention_dropout", 0.0, 1.0),
+                  ("router_aux_loss_coef", 0.0, None), ("mtp_loss_weight", 0.0, None),
+                  ("router_z_loss_coef", 0.0, None))
+_BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "attention_bias", "norm_topk_prob", "output_router_logits")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 class ConfigError(MellumError, ValueError):
     """An invalid or unsupported model configuration; the message names the field."""
 
@@ -74,6 +91,10 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("layer_types", "mlp_layer_types"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (list, tuple)):
+                raise ConfigError(f"ModelConfig.{name}: expected a list of strings (got {v!r})")
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         if self.mlp_layer_types is None:
@@ -93,10 +114,10 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"ModelConfig.{name}: {msg} (got {getattr(self, name, None)!r})")
 
+        self._check_types(need)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "expected a positive int")
+            need(getattr(self, name) > 0, name, "expected a positive int")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
              f"must be a multiple of num_key_value_heads={self.num_key_value_heads}")
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
@@ -132,6 +153,30 @@ class ModelConfig:
                      f"{lt}.factor must be >= 1 for yarn")
                 need(isinstance(rp.get("original_max_position_embeddings"), int), "rope_parameters",
                      f"{lt}.original_max_position_embeddings must be an int for yarn")
+
+    def _check_types(self, need) -> None:
+        """Every field's type (and the range of the plain numbers), field by field, before any arithmetic."""
+        for name in _INT_FIELDS:
+            need(_is_int(getattr(self, name)), name, "expected an integer")
+        for name, low, high in _NUMBER_FIELDS:
+            v = getattr(self, name)
+            need(_is_number(v), name, "expected a finite number")
+            need(v >= low and (high is None or v <= high), name,
+                 f"expected a number >= {low:g}" + (f" and <= {high:g}" if high is not None else ""))
+            if name == "rms_norm_eps":
+                need(v > 0, name, "expected a positive number")
+        for name in _BOOL_FIELDS:
+            need(isinstance(getattr(self, name), bool), name, "expected true or false")
+        need(isinstance(self.hidden_act, str), "hidden_act", "expected a string")
+        for name in ("sliding_window", "pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            need(v is None or (_is_int(v) and v >= 0), name, "expected null or an integer >= 0")
+        eos = self.eos_token_id
+        need(eos is None or (_is_int(eos) and eos >= 0)
+             or (isinstance(eos, list) and all(_is_int(x) and x >= 0 for x in eos)),
+             "eos_token_id", "expected null, an integer >= 0 or a list of them")
+        for name in ("layer_types", "mlp_layer_types"):
+            need(all(isinstance(t, str) for t in getattr(self, name)), name, "expected a list of strings")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mellum2.atomic import atomic_dir
@@ -118,8 +118,20 @@ def check_safetensors(f: Path) -> None:
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{f}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            raise CheckpointError(f"{f}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f}: corrupt safetensors header (not a JSON object)")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        ok = isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list) \
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2 \
+            and all(isinstance(x, int) and x >= 0 for x in v["data_offsets"] + v["shape"])
+        if not ok:
+            raise CheckpointError(f"{f}: corrupt safetensors header (entry {k!r} is not "
+                                  "{dtype, shape, data_offsets})")
+        end = max(end, v["data_offsets"][1])
     if 8 + n + end > size:
         raise CheckpointError(f"{f}: truncated safetensors file (expected {8 + n + end} bytes, found {size})")
 
@@ -134,11 +146,14 @@ def load_weights(model, path, mtp: bool = True) -> None:
                                                            "experts.down_proj")) else None
             for name, p in params.items()}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
-                if key.startswith("mtp.") and not mtp:
-                    continue
-                _load_one(key, sf, f, params, todo)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    if key.startswith("mtp.") and not mtp:
+                        continue
+                    _load_one(key, sf, f, params, todo)
+        except SafetensorError as e:  # a header that parses but does not describe the file
+            raise CheckpointError(f"{f}: corrupt safetensors file ({e})") from None
     missing = [k for k, v in todo.items() if v is None or v]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import hf
+from .accounting import check_memory
 from .config import ConfigError, ModelConfig
 from .decoder import DecoderLayer, packed_doc_ids
 from .head_loss import linear_ce
@@ -209,6 +210,7 @@ def load_pretrained(path, dtype=None, device="cpu", mtp: bool = True, cfg: Model
     if not mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     hf.weight_files(path)  # a missing or truncated file fails before anything is allocated
+    check_memory(cfg, torch.empty((), dtype=dtype).element_size(), device, where=str(path / "config.json"))
     with torch.device("meta"):
         model = Mellum2(cfg)
     model = model.to(dtype).to_empty(device=device)

@@ -7,7 +7,9 @@
 
 Inputs are anything `mellum2.data.sources` reads: files, directories, globs, *.jsonl, *.parquet,
 hf:NAME, or `embedded` (the embedded default corpus), optionally prefixed with a domain (`code:src/`).
-One document in 50 (chosen by content hash) is held out of training and used to report bytes per
+Documents over 1M characters are skipped and lines over 1,000 characters are trained on in pieces
+(`mellum2 data prepare`'s limits), so training time stays bounded on pathological input. One document
+in 50 (chosen by content hash) is held out of training and used to report bytes per
 token per domain, so the figures are on text the tokenizer did not see.
 """
 from __future__ import annotations
@@ -17,8 +19,10 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Iterator
 
 from mellum2.data.dedup import content_key
+from mellum2.data.filters import FilterConfig, length_reason
 from mellum2.data.sources import iter_source
 from mellum2.errors import UsageError, run_stage
 
@@ -71,22 +75,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def bounded_pieces(text: str, max_len: int) -> Iterator[str]:
+    """`text` cut so that no line is longer than `max_len` characters: BPE training time grows
+    super-linearly with the length of a pre-token (one 400k-letter run: minutes), so an over-long line
+    is trained on as `max_len`-character pieces (`mellum2 data prepare` drops code with such lines)."""
+    if len(text) <= max_len or max(map(len, text.splitlines() or [""])) <= max_len:
+        yield text
+        return
+    for line in text.splitlines(keepends=True):
+        for i in range(0, len(line), max_len):
+            yield line[i:i + max_len]
+
+
 def train(args) -> int:
     held: dict[str, list[str]] = defaultdict(list)
-    used, n_docs = Counter(), Counter()
+    used, n_docs, skipped = Counter(), Counter(), Counter()
     cap = args.max_mb * (1 << 20)
+    rules = FilterConfig()
 
     def texts():
         for spec in args.input:
             for doc in iter_source(spec, text_field=args.text_field, progress=not args.no_progress):
                 n_docs[doc.domain] += 1
+                if (reason := length_reason(doc, rules)) == "too_long":  # data prepare's rule and limit
+                    skipped[reason] += 1
+                    continue
                 if content_key(doc.text)[0] % 50 == 0:
                     held[doc.domain].append(doc.text)
                     continue
                 if sum(used.values()) >= cap:
                     return
                 used[doc.domain] += len(doc.text.encode("utf-8", "replace"))
-                yield doc.text
+                yield from bounded_pieces(doc.text, rules.max_line_length)
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # checked before training, which can take minutes
@@ -101,6 +121,9 @@ def train(args) -> int:
     tok.save(args.out)  # atomic writes: a failure is a DiskError naming the file
     print(f"trained {tok.vocab_size} entries on {sum(used.values()) / 1e6:.1f} MB "
           f"({dict(n_docs)} documents) in {time.time() - t0:.1f} s -> {args.out}")
+    if skipped:
+        print(f"skipped {skipped['too_long']} document(s) over {rules.max_chars:,} characters (too_long, the rule of "
+              f"`mellum2 data prepare`)")
     for dom, texts_ in sorted(held.items()):
         mb = sum(len(t.encode("utf-8", "replace")) for t in texts_) / 1e6
         print(f"held-out {dom}: {len(texts_)} documents, {mb:.2f} MB, {bytes_per_token(tok, texts_):.3f} bytes/token")

@@ -50,35 +50,47 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
             return 2 * n ** 3 * iters / dt
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only lines with step <= last_step (a resumed run rewrites the steps after its checkpoint)."""
+def truncate_jsonl(path: Path, last_step: int) -> tuple[int, int]:
+    """Repair metrics.jsonl for a run resuming after `last_step`: keep every valid record with
+    step <= last_step, drop torn or garbled lines (a killed run's last line, a damaged byte anywhere)
+    and the records of the steps the resumed run will redo. Returns (garbled, after) counts dropped."""
     if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a torn last line from a killed run
-    atomic.write_text(path, "".join(x + "\n" for x in keep))
+        return 0, 0
+    keep, garbled, after = [], 0, 0
+    for line in path.read_bytes().splitlines():
+        rec = _record(line)
+        if rec is None:
+            garbled += 1
+        elif rec["step"] > last_step:
+            after += 1
+        else:
+            keep.append(line.decode())
+    if garbled or after:
+        atomic.write_text(path, "".join(x + "\n" for x in keep))
+    return garbled, after
+
+
+def _record(line: bytes) -> dict | None:
+    """One metrics.jsonl line as a record, or None when it is not one (torn, garbled, blank)."""
+    try:
+        rec = json.loads(line.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool)
+    return rec if ok else None
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+    """The valid records of a metrics.jsonl (torn or garbled lines skipped)."""
+    return [r for line in Path(path).read_bytes().splitlines() if (r := _record(line)) is not None]
 
 
 class MetricsLogger:
     """Rank-0 sink for per-step records: jsonl + TensorBoard + progress bar."""
 
     def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, start_step: int, start_tokens: int,
-                 flops_per_token: float, peak_flops: float | None, tensorboard: bool = True, progress: bool = True):
+                 flops_per_token: float, peak_flops: float | None, tensorboard: bool = True, progress: bool = True,
+                 say=print):
         self.enabled = enabled
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -86,7 +98,10 @@ class MetricsLogger:
         self._t, self._tokens = time.perf_counter(), start_tokens
         if not enabled:
             return
-        truncate_jsonl(self.path, start_step)
+        garbled, after = truncate_jsonl(self.path, start_step)
+        if garbled or after:
+            say(f"{self.path}: dropped {garbled} torn or garbled line(s) and {after} record(s) after step "
+                f"{start_step} (redone by this run); kept the rest")
         self.f = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard, protobuf): only when used
@@ -125,7 +140,10 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:
+            pass  # a full disk: the loop already reports it, with what was saved last
         if self.tb is not None:
             self.tb.close()
         if self.bar is not None:

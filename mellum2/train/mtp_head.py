@@ -2,6 +2,9 @@
 
     mellum2 train-mtp --model runs/tiny [--steps 300] [--source data|self] [--target trunk|tokens] [--out DIR]
 
+writes runs/tiny-mtp unless --out says otherwise (a training run's checkpoint is never rewritten: its
+optimiser state would no longer match its weights).
+
 The released Mellum 2 weights have no MTP head (docs/mellum2.md §1), so they cannot draft for
 speculative decoding. This freezes the trunk (embedding, layers, final norm, LM head: the head shares
 the embedding and LM head, which stay frozen too), adds a freshly initialised head in our layout
@@ -30,6 +33,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import shutil
 import sys
 import sysconfig
@@ -59,6 +63,7 @@ from mellum2.tokenizer import Tokenizer
 from mellum2.tokenizer.special import NUM_SPECIAL
 
 from .data import make_loader
+from .runlock import RunLock, sibling_lock_file
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -248,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", required=True, help="checkpoint directory or training run directory")
-    a("--out", default=None, help="where to write the checkpoint with the head (default: --model, replaced atomically)")
+    a("--out", default=None, help="where to write the checkpoint with the head (default: MODEL-mtp beside --model; "
+      "never a training run's checkpoint, whose optimiser state would no longer match)")
     a("--data", default=None, help="prepared data directory or 'synthetic' (default: the embedded corpus)")
     a("--source", choices=("data", "self"), default="data", help="train on data rows or the trunk's own text")
     a("--target", choices=("trunk", "tokens"), default="trunk", help="distil the trunk's t+2 distribution, or CE")
@@ -276,7 +282,28 @@ def run(args) -> dict:
         if getattr(args, name) < 1:
             raise TrainMTPError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     src = resolve_model_dir(args.model, "--model")
-    out = Path(args.out) if args.out else src
+    out = Path(args.out) if args.out else default_out(args.model)
+    if in_training_checkpoint(out):
+        raise TrainMTPError(f"--out {out}: inside a training run's checkpoint; writing there would leave its weights "
+                            f"out of step with its optimiser state (a later --resume would continue from them); "
+                            f"choose another --out")
+    with RunLock(out.parent, lock_file=sibling_lock_file(out)):  # one writer of `out` at a time
+        return _run(args, src, out)
+
+
+def default_out(model_arg) -> Path:
+    """`--model runs/tiny` -> runs/tiny-mtp: a new directory beside the source, never the source."""
+    p = Path(model_arg)
+    return p.with_name(p.resolve().name + "-mtp")
+
+
+def in_training_checkpoint(path: Path) -> bool:
+    """Whether `path` is (in) a `mellum2 train` checkpoint: OUT/checkpoints/step_N/..."""
+    p = path.resolve()
+    return any(a.parent.name == "checkpoints" and re.match(r"^step_\d{8}$", a.name) for a in (p, *p.parents))
+
+
+def _run(args, src: Path, out: Path) -> dict:
     model = load_pretrained(src, dtype=torch.float32)
     if args.seq_len > model.cfg.max_position_embeddings or (args.source == "self" and args.prompt_len >= args.seq_len):
         raise TrainMTPError(f"--seq-len {args.seq_len} / --prompt-len {args.prompt_len}: need prompt-len < seq-len "
@@ -314,7 +341,7 @@ def run(args) -> dict:
         ids = draft_vocab_from_data(args.data or ensure_default_data(progress=False), n_vocab)
         extra[DRAFT_VOCAB_FILE] = json.dumps({"ids": ids, "source": str(args.data or "default data")}) + "\n"
     save_with_head(model, src, out, extra)
-    print(f"saved {out}")
+    print(f"saved {out}" + ("" if out == src else f" (the source {src} is unchanged; use --model {out} for drafting)"))
     return summary
 
 

@@ -15,6 +15,7 @@ from `--from` with its context extended (long_context.py) and the data from `Lon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,9 +28,9 @@ import torch
 
 from mellum2 import atomic
 from mellum2.allocator import keep_freed_memory
-from mellum2.errors import run_stage
+from mellum2.errors import DiskError, MellumError, describe_os_error, run_stage
 from mellum2.model import Mellum2, ModelConfig
-from mellum2.model.accounting import flops_per_token
+from mellum2.model.accounting import check_memory, flops_per_token
 from mellum2.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
@@ -40,8 +41,9 @@ from .errors import TrainError, TrainingDiverged
 from .long_context import ROPE_LAYERS, extended_config, load_extended, source_dir
 from .metrics import MetricsLogger, measure_peak_flops, plot_losses, read_jsonl, summarize
 from .optim import build_optimizers
-from .parallel import (all_gather_objects, barrier, full_model_state, full_optim_state, init_distributed,
-                       install_count_reducer, load_optim_state, parallelize, shutdown)
+from .parallel import (all_gather_objects, barrier, broadcast_object, full_model_state, full_optim_state,
+                       init_distributed, install_count_reducer, load_optim_state, parallelize, shutdown)
+from .runlock import RunLock, RunLocked
 from .sample import completions
 from .schedule import WarmupHoldDecay
 from .trainer import Trainer
@@ -49,6 +51,10 @@ from .trainer import Trainer
 # peak learning rate per preset when --lr is not given (Mellum 2's 3e-4 is for the 12B model; the
 # small presets were tuned on the embedded corpus, see docs/train.md)
 DEFAULT_LR = {"mellum2-12b": 3e-4, "mellum2-12b-8k": 3e-4, "tiny": 3e-3, "test-small": 3e-3, "test-small2": 3e-3}
+
+# bytes per parameter a training process holds (fp32 weights + gradients + AdamW's two moments; Muon
+# keeps one), before activations: what `check_memory` compares with the memory available
+TRAIN_BYTES_PER_PARAM = 16
 
 # what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes), on
 # the code-heavy curriculum, which scores better on held-out Python (docs/train.md "The demo's recipe")
@@ -209,21 +215,68 @@ def _pretrain(args) -> Path:
         cfg = _model_config(args)
     args.seq_len = args.seq_len or min(cfg.max_position_embeddings, 8192)
     _check_args(args, cfg)
+    # fp32 weights, gradients and up to two optimiser moments per parameter, sharded over the ranks by FSDP;
+    # checked before anything is allocated (the synthetic loader's tables grow with vocab_size too)
+    check_memory(cfg, TRAIN_BYTES_PER_PARAM / d.world, d.device, what="training state (weights, gradients, optimiser)",
+                 where=str(args.config or f"--preset {args.preset}") if not long_ctx else str(src))
     out = Path(args.out or (f"{str(args.from_).rstrip('/')}-long" if long_ctx else f"runs/{args.preset}"))
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out}: exists and is not a directory")
-    found = ckpt.latest(out) if args.resume else None  # validates, so a damaged newest one is an error
-    if args.resume and found is None:
-        raise TrainError(f"--resume: no finished checkpoint in {ckpt.checkpoints_root(out)}; "
-                         f"run without --resume to start a new run")
+    with _lock_run_dir(out, d, say):  # before anything is read or written (runlock.py)
+        return _train(args, d, say, cfg, out, long_ctx, src if long_ctx else None)
+
+
+def _lock_run_dir(out: Path, d, say):
+    """Rank 0 takes the run directory's lock; every rank learns whether it did (all fail together)."""
+    lock, err = None, None
+    if d.is_main:
+        try:
+            lock = RunLock(out, say=say).acquire()
+        except MellumError as e:
+            err = e
+    others = [m for m in all_gather_objects(str(err) if err else None, d) if m]
+    if err is not None:
+        raise err
+    if others:
+        raise RunLocked(others[0])
+    return lock if lock is not None else contextlib.nullcontext()
+
+
+def _on_main(d, fn):
+    """fn() on rank 0, its result (or its user-facing error, re-raised everywhere) on every rank."""
+    res, err = None, None
+    if d.is_main:
+        try:
+            res = fn()
+        except MellumError as e:
+            err = e
+    got = broadcast_object((res, str(err) if err else None), d)
+    if err is not None:
+        raise err
+    if got[1]:
+        raise TrainError(got[1])
+    return got[0]
+
+
+def _open_run_dir(args, out: Path, say) -> Path | None:
+    """Rank 0's checks of the run directory; the checkpoint to resume from (None for a fresh run)."""
     if not args.resume and ckpt.list_checkpoints(out):
         raise TrainError(f"{out} already holds checkpoints (newest {ckpt.list_checkpoints(out)[-1][1].name}); "
                          f"pass --resume to continue it or choose another --out")
-    if d.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrainError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
+    found = ckpt.newest_verified(out, say) if args.resume else None  # a damaged newer one: named, set aside
+    if args.resume and found is None:
+        raise TrainError(f"--resume: no finished checkpoint in {ckpt.checkpoints_root(out)}; "
+                         f"run without --resume to start a new run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
+    ckpt.check_writable(out)  # a read-only checkpoints/ fails now, not after the first steps
+    return found
+
+
+def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
+    found = _on_main(d, lambda: _open_run_dir(args, out, say))
 
     # ---- data and the step/token budget
     tps = args.batch_size * args.seq_len * args.grad_accum * d.world
@@ -312,8 +365,12 @@ def _pretrain(args) -> Path:
     def save() -> None:
         if saved[0] == trainer.step:
             return
-        saved[0] = trainer.step
         logger.log_steps(trainer.drain())
+        if trainer.bad_streak:  # the weights are the last applied step's, but "last good" must mean good
+            say(f"note: no checkpoint at step {trainer.step}: its last {trainer.bad_streak} step(s) were non-finite "
+                f"(last good checkpoint: {ckpt.last_good(out) or 'none'})")
+            return
+        saved[0] = trainer.step
         model_state = full_model_state(model, d)
         optim_state = full_optim_state(model, optims.list, d)
         loaders, rngs = all_gather_objects(loader.state_dict(), d), all_gather_objects(_rng_state(), d)
@@ -343,8 +400,10 @@ def _pretrain(args) -> Path:
         save()
     except TrainingDiverged as e:
         logger.log_steps(trainer.drain())
-        last = ckpt.list_checkpoints(out)
-        raise TrainingDiverged(f"{e}; last good checkpoint: {last[-1][1] if last else 'none'}") from None
+        raise TrainingDiverged(f"{e}; last good checkpoint: {ckpt.last_good(out) or 'none'}") from None
+    except OSError as e:  # a full disk or lost permissions while logging
+        raise DiskError(f"{describe_os_error(e)}; training stopped at step {trainer.step}, last saved checkpoint: "
+                        f"{ckpt.list_checkpoints(out)[-1][1] if ckpt.list_checkpoints(out) else 'none'}") from None
     finally:
         logger.close()
 
