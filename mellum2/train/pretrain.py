@@ -157,7 +157,11 @@ def _cxx() -> str | None:
 
 def _model_config(args) -> ModelConfig:
     cfg = ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
-    return cfg if args.mtp_loss_weight is None else cfg.replace(mtp_loss_weight=args.mtp_loss_weight)
+    if args.mtp_loss_weight is None:
+        return cfg
+    if not (args.mtp_loss_weight >= 0 and math.isfinite(args.mtp_loss_weight)):
+        raise TrainError(f"--mtp-loss-weight: expected >= 0, got {args.mtp_loss_weight:g}")
+    return cfg.replace(mtp_loss_weight=args.mtp_loss_weight)
 
 
 def _check_args(args, cfg) -> None:
@@ -172,12 +176,21 @@ def _check_args(args, cfg) -> None:
         v = getattr(args, name)
         if v is not None and not (v >= 0 and (name == "clip" or math.isfinite(v))):  # --clip inf: no clipping
             raise TrainError(f"--{name.replace('_', '-')}: expected >= 0, got {v}")
-    if args.mtp_loss_weight is not None and not (args.mtp_loss_weight >= 0 and math.isfinite(args.mtp_loss_weight)):
-        raise TrainError(f"--mtp-loss-weight: expected >= 0, got {args.mtp_loss_weight}")
+    _phases(args)  # a bad --phases is an error before the run directory is touched
     for name in ("lr", "peak_tflops"):
         v = getattr(args, name)
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise TrainError(f"--{name.replace('_', '-')}: expected a positive number, got {v}")
+
+
+def _phases(args):
+    """The curriculum --phases names (None: the report's), or a TrainError saying what is wrong."""
+    if args.phases is not None and args.stage != "pretrain":
+        raise TrainError("--phases is for pre-training (the long-context stage has its own loader)")
+    try:
+        return named_phases(args.phases)
+    except (ValueError, TypeError) as e:
+        raise TrainError(str(e)) from None
 
 
 def _rng_state() -> dict:
@@ -290,12 +303,7 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
         raise TrainError(f"--tokens {args.tokens} is less than one step ({tps} tokens per step: batch size x "
                          f"sequence length x gradient accumulation x processes); raise --tokens or use --max-steps")
     total_tokens = total_steps * tps
-    try:
-        phases = named_phases(args.phases)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    if phases is not None and long_ctx:
-        raise TrainError("--phases is for pre-training (the long-context stage has its own loader)")
+    phases = _phases(args)
     loader, data_dir = make_loader(args.data, vocab_size=cfg.vocab_size, batch_size=args.batch_size,
                                    seq_len=args.seq_len, total_tokens=total_tokens, rank=d.rank,
                                    world_size=d.world, seed=args.seed,
