@@ -280,3 +280,16 @@ def test_an_abandoned_generate_call_frees_the_engine(model):
     assert not eng.has_work()
     r = eng.generate([PROMPTS[0]], params(12), speculative=True, draft_tokens=2)[0]  # a new mode: allowed
     assert r.tokens == alone(model, PROMPTS[0], params(12)).tokens
+
+
+def test_stream_without_the_driver_steps_the_engine(model):
+    want = [alone(model, p, params(n)).tokens for p, n in zip(PROMPTS[:2], BUDGETS[:2])]
+    eng = Engine(model, max_num_seqs=4)
+    a, b = eng.submit(PROMPTS[0], params(BUDGETS[0])), eng.submit(PROMPTS[1], params(BUDGETS[1]))
+    it = eng.stream(a)
+    first = next(it)
+    s = eng.stats()
+    assert s["running"] == 2 and s["kv_slots_used"] == 2 and 0 < s["kv_use"] < 1
+    assert first.token_ids + [t for d in it for t in d.token_ids] == want[0]
+    # b ran alongside: its stream starts with what it emitted so far
+    assert [t for d in eng.stream(b) for t in d.token_ids] == want[1]

@@ -48,7 +48,7 @@ from mellum2.model.transformer import Mellum2
 from .forward import Fast, Reference
 from .pool import Pool
 from .prefix import PrefixCache
-from .request import DECODE, FINISHED, PREFILL, WAITING, Delta, Request, Result, Stats
+from .request import DECODE, PREFILL, WAITING, Delta, Request, Result, Stats
 from .sampling import Sampler, SamplingParams
 from .speculative import draft, gather_rows, speculative_step
 from .batch import Generation
@@ -356,7 +356,7 @@ class Engine:
         self.last_finished = []
         self._check_weights()
         self._take_inbox(deltas)
-        self._admit(deltas)
+        self._admit()
         n_dec = next((i for i, r in enumerate(self._rows) if r.state != DECODE), len(self._rows))
         if n_dec:
             self._guarded(self._decode, 0, n_dec, deltas)
@@ -462,7 +462,7 @@ class Engine:
             self.prefix.clear()  # its blocks are in the old dtype / on the old device
         return True
 
-    def _admit(self, deltas) -> None:
+    def _admit(self) -> None:
         while self._waiting and self._ensure_pool():
             r = self._waiting.popleft()
             r.slot, r.state = len(self._rows), PREFILL
