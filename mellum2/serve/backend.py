@@ -89,7 +89,8 @@ class Backend:
         if mode not in ("continuous", "static"):
             raise ValueError(f"Backend: mode must be auto, continuous or static, got {mode!r}")
         if max_num_seqs < 1 or max_waiting < 0:
-            raise ValueError(f"Backend: max_num_seqs must be >= 1 and max_waiting >= 0, got {max_num_seqs}, {max_waiting}")
+            raise ValueError(f"Backend: max_num_seqs must be >= 1 and max_waiting >= 0, got {max_num_seqs}, "
+                             f"{max_waiting}")
         self.engine, self.detok, self.mode = engine, detokenize, mode
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.speculative = bool(speculative) and getattr(engine, "has_mtp", True)
@@ -106,7 +107,7 @@ class Backend:
         self._thread: threading.Thread | None = None
         self.drafted = self.accepted = 0
         self._held: list | None = None  # a step's outputs, when they are handed over together
-        self.fault: Callable | None = None  # tests: called with each batch's handles before it runs
+        self.fault: Callable | None = None  # tests: called with a static batch / each new request
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Backend":
