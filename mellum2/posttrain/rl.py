@@ -44,6 +44,7 @@ from mellum2.model import load_pretrained
 from mellum2.model.objective import StepShare, loss_weights, objective, router_losses
 from mellum2.tokenizer import Tokenizer
 from mellum2.train import checkpoint as ckpt
+from mellum2.train.loop import rng_state, set_rng_state, write_json
 from mellum2.train.metrics import MetricsLogger, read_jsonl, truncate_jsonl
 from mellum2.train.optim import clip_grad_norm
 from mellum2.train.errors import TrainError
@@ -55,7 +56,7 @@ from .rollout import evaluate, paired_diff_ci, prompt_of, rollout
 from .verify import score
 
 MAX_STALENESS = 0  # synchronous rollouts (module docstring); the report allows up to 2
-DEFAULT_LR = 2e-5  # demo scale (docs/rl.md); the report's 1e-6 is for the 12B model
+DEFAULT_LR = 5e-4  # demo scale, a 15-minute budget (docs/rl.md); the report's 1e-6 is for the 12B model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,14 +254,6 @@ def train_minibatch(model, opt, rows: list[dict], old: list[torch.Tensor], micro
 
 
 # ------------------------------------------------------------------------------------ the run
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-
-
 def _eval(engine, tok, heldout, args, step: int, out: Path, say, scorer) -> dict:
     t0 = time.perf_counter()
     res = evaluate(engine, tok, heldout, max_new_tokens=args.max_new_tokens, thinking=args.thinking, scorer=scorer)
@@ -322,18 +315,17 @@ def run(args, scorer=score) -> Path:
         opt.load_state_dict(ts["optim"])
         sampler.load_state_dict(ts["sampler"])
         step, tokens = int(ts["trainer"]["step"]), int(ts["trainer"]["tokens"])
-        torch.set_rng_state(ts["rng"]["torch"])
-        random.setstate(ts["rng"]["python"])
+        set_rng_state(ts["rng"])
         say(f"resumed from {found} at step {step}")
     if not (out / "tokenizer").exists():
         with atomic.atomic_dir(out / "tokenizer") as tmp:
             tok.save(tmp)
-    _write_json(out / "args.json", {**vars(args), "trajectory": trajectory})
+    write_json(out / "args.json", {**vars(args), "trajectory": trajectory})
     truncate_jsonl(out / "eval.jsonl", step)
 
     def save() -> None:
         state = {"format": ckpt.FORMAT, "trainer": {"step": step, "tokens": tokens}, "optim": opt.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": _rng_state(), "trajectory": trajectory}
+                 "sampler": sampler.state_dict(), "rng": rng_state(), "trajectory": trajectory}
         ckpt.save(out, step, tokens, cfg=cfg, model_state=model.state_dict(), train_state=state, keep=args.keep)
 
     n_sample = math.ceil(args.oversample * args.prompts)
@@ -375,7 +367,7 @@ def run(args, scorer=score) -> Path:
                "after": {k: v for k, v in last.items() if k != "rewards"},
                "paired_difference": {"mean": diff_mean, "ci95": [lo, hi]}, "steps": step,
                "train_minutes": sum(step_s) / 60, "minutes": (time.perf_counter() - t_start) / 60}
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     say(json.dumps({k: summary[k] for k in ("paired_difference", "steps")}))
     plot_rl(out)
     return out
