@@ -89,5 +89,5 @@ def test_presets_build_every_stage():
         assert {"eval-bpb", "eval-humaneval", "eval-infill", "eval-completion", "eval-mtp", "eval-passkey",
                 "eval-chat-instruct", "eval-rl-reward"} <= set(names)
     pre = next(s for s in speedrun.stages("smoke") if s.name == "pretrain").argv
-    assert pre[pre.index("--max-steps") + 1] == "20"  # the preset overrides the demo's arguments
+    assert pre[pre.index("--max-steps") + 1] == "6"  # the preset overrides the demo's arguments
     assert speedrun._override(["--a", "1", "--b", "2"], ["--b", "3", "--c", "4"]) == ["--a", "1", "--b", "3", "--c", "4"]

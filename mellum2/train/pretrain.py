@@ -27,6 +27,7 @@ import torch
 
 from mellum2 import atomic
 from mellum2.allocator import keep_freed_memory
+from mellum2.data.curriculum import PHASE_PRESETS, named_phases
 from mellum2.errors import MellumError, run_stage
 from mellum2.model import Mellum2, ModelConfig
 from mellum2.model.accounting import check_memory, flops_per_token
@@ -53,9 +54,10 @@ DEFAULT_LR = {"mellum2-12b": 3e-4, "mellum2-12b-8k": 3e-4, "tiny": 3e-3, "test-s
 # keeps one), before activations: what `check_memory` compares with the memory available
 TRAIN_BYTES_PER_PARAM = 16
 
-# what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes)
+# what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes), on
+# the code-heavy curriculum, which scores better on held-out Python (docs/train.md "The demo's recipe")
 DEMO_ARGS = ["--preset", "tiny", "--max-steps", "240", "--batch-size", "8", "--seq-len", "512",
-             "--save-every", "80", "--log-every", "5"]
+             "--save-every", "80", "--log-every", "5", "--phases", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seq-len", type=int, default=None, help="default: min(max_position_embeddings, 8192)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     a("--lr", type=float, default=None, help="peak learning rate (Muon and AdamW); default per preset")
+    a("--phases", default=None,
+      help=f"the curriculum: a preset ({', '.join(PHASE_PRESETS)}; default report) or a JSON list of "
+           "phases ({budget, mixture, fim_rate, fim_code_only}); the LR decays over the last phase")
+    a("--mtp-loss-weight", type=float, default=None, help="weight of the MTP loss (default: the model config's)")
     a("--warmup-steps", type=int, default=None, help="default: min(2000, 5%% of the steps)")
     a("--weight-decay", type=float, default=0.1)
     a("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
@@ -149,7 +155,12 @@ def _cxx() -> str | None:
 
 
 def _model_config(args) -> ModelConfig:
-    return ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    cfg = ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    if args.mtp_loss_weight is None:
+        return cfg
+    if not (args.mtp_loss_weight >= 0 and math.isfinite(args.mtp_loss_weight)):
+        raise TrainError(f"--mtp-loss-weight: expected >= 0, got {args.mtp_loss_weight:g}")
+    return cfg.replace(mtp_loss_weight=args.mtp_loss_weight)
 
 
 def _check_args(args, cfg) -> None:
@@ -164,10 +175,21 @@ def _check_args(args, cfg) -> None:
         v = getattr(args, name)
         if v is not None and not (v >= 0 and (name == "clip" or math.isfinite(v))):  # --clip inf: no clipping
             raise TrainError(f"--{name.replace('_', '-')}: expected >= 0, got {v}")
+    _phases(args)  # a bad --phases is an error before the run directory is touched
     for name in ("lr", "peak_tflops"):
         v = getattr(args, name)
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise TrainError(f"--{name.replace('_', '-')}: expected a positive number, got {v}")
+
+
+def _phases(args):
+    """The curriculum --phases names (None: the report's), or a TrainError saying what is wrong."""
+    if args.phases is not None and args.stage != "pretrain":
+        raise TrainError("--phases is for pre-training (the long-context stage has its own loader)")
+    try:
+        return named_phases(args.phases)
+    except (ValueError, TypeError) as e:
+        raise TrainError(str(e)) from None
 
 
 def _pretrain(args) -> Path:
@@ -262,11 +284,13 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
         raise TrainError(f"--tokens {args.tokens} is less than one step ({tps} tokens per step: batch size x "
                          f"sequence length x gradient accumulation x processes); raise --tokens or use --max-steps")
     total_tokens = total_steps * tps
+    phases = _phases(args)
     loader, data_dir = make_loader(args.data, vocab_size=cfg.vocab_size, batch_size=args.batch_size,
                                    seq_len=args.seq_len, total_tokens=total_tokens, rank=d.rank,
                                    world_size=d.world, seed=args.seed,
                                    long_context=dict(repo_fraction=args.repo_fraction,
-                                                     repo_fim_rate=args.repo_fim_rate) if long_ctx else None)
+                                                     repo_fim_rate=args.repo_fim_rate) if long_ctx else None,
+                                   phases=phases)
     lr = args.lr if args.lr is not None else (3e-4 if long_ctx else DEFAULT_LR.get(args.preset, 3e-4))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(2000, total_steps // 20))
     schedule = WarmupHoldDecay.from_phase_boundaries(lr, warmup, loader.phase_boundaries, tps)
@@ -275,6 +299,8 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
                   "grad_accum": args.grad_accum, "world_size": d.world, "total_tokens": total_tokens,
                   "lr": lr, "warmup_steps": warmup, "weight_decay": args.weight_decay, "clip": args.clip,
                   "precision": args.precision, "fp8": args.fp8, "seed": args.seed, "data": args.data or "default"}
+    if args.phases is not None:  # only when given, so runs from before the flag still resume
+        trajectory["phases"] = args.phases
     if long_ctx:
         trajectory.update(stage=args.stage, source=str(src.resolve()), rope_factor=args.rope_factor,
                           rope_layers=args.rope_layers, repo_fraction=args.repo_fraction,
