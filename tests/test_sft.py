@@ -320,3 +320,46 @@ def test_demo_chat_step_runs(trained, capsys):
     shown = capsys.readouterr().out
     assert "> Who are you?" in shown and "> What is 37 * 43? Use the calculator." in shown
     assert isinstance(r["tool_calls"], list) and isinstance(r["identity"], str)
+
+
+def test_chat_evaluation_scores_greedy_replies(trained):
+    """chateval.evaluate: the replies are plain greedy decoding of the rendered prompts, and the rates are
+    the checks applied to them."""
+    mode, out = trained
+    from mellum2.chat import parse, render
+    from mellum2.posttrain.chateval import evaluate, think_ok
+
+    items = [{"id": "a", "kind": "identity", "messages": [{"role": "user", "content": "Hi"}],
+              "expect": {"keyword": "Mellum"}},
+             {"id": "b", "kind": "tool", "tools": TOOLS, "messages": [{"role": "user", "content": "Add 2 and 3."}],
+              "expect": {"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}], "match": {}}}]
+    r = evaluate(str(out), items=items, think=mode == "thinking", max_new_tokens=24, keep_replies=True)
+    m, tok = load_pretrained(out).eval(), Tokenizer.load(out)
+    stops = {tok.eos_id, tok.eot_id, tok.im_start_id}
+    wf, thinks = [], []
+    for it, rep in zip(items, r["replies"]):
+        ids = tok.encode(render(it["messages"], it.get("tools"), add_generation_prompt=True))
+        new = []
+        with torch.no_grad():
+            for _ in range(24):
+                t = int(m(torch.tensor([ids + new])).logits[0, -1].argmax())
+                new.append(t)
+                if t in stops:
+                    break
+        assert rep["reply"] == tok.decode(new)
+        wf.append(rep["reply"].endswith("<|im_end|>") and not parse(rep["reply"])["errors"])
+        thinks.append(think_ok(rep["reply"], parse(rep["reply"])))
+    assert r["well_formed"] == sum(wf) / 2 and r["prompts"] == 2
+    assert r["think_ok"] == (sum(thinks) / 2 if mode == "thinking" else None)
+    assert r["identity"] == float("Mellum" in (parse(r["replies"][0]["reply"])["content"] or ""))
+
+
+def test_think_ok():
+    from mellum2.chat import parse
+    from mellum2.posttrain.chateval import think_ok
+
+    for text, want in (("<think>\nsum\n</think>\n\nThe answer is 4.<|im_end|>", True),
+                       ("<think>\nsum\n</think>\n\n<tool_call>\n{\"name\": \"add\", \"arguments\": {}}\n</tool_call><|im_end|>", True),
+                       ("The answer is 4.<|im_end|>", False), ("<think>\nsum, and no end", False),
+                       ("<think>\nsum\n</think>\n\n<|im_end|>", False)):
+        assert think_ok(text, parse(text)) == want, text
