@@ -4,8 +4,9 @@ growing-file completion workload with and without the prefix cache, all in one r
     .venv/bin/python benchmarks/serve_load.py                        # random weights of --config tiny
     .venv/bin/python benchmarks/serve_load.py --model runs/tiny      # a checkpoint (run or checkpoint dir)
 
-1. Mixed load: --clients (32) concurrent clients each stream --requests (1) greedy completions
-   (`ignore_eos`, so every request produces exactly its budget) with prompt lengths drawn from
+1. Mixed load: --clients (32) concurrent clients each stream --requests (3) greedy completions,
+   one after the other (so the server sees 32 streams at a time until the end),
+   `ignore_eos` (every request produces exactly its budget), with prompt lengths drawn from
    --prompt-lens and output lengths from --output-lens. The same workload (same seeds) is served three
    ways, each by a fresh `mellum2 serve` process on this machine:
      continuous  the scheduler, --max-num-seqs = clients (requests join and leave the batch per step)
@@ -207,9 +208,9 @@ def main(argv=None) -> int:
     a("--config", default="tiny", help="model preset for random weights (without --model)")
     a("--context", type=int, default=1024, help="max_position_embeddings of the random model")
     a("--clients", type=int, default=32)
-    a("--requests", type=int, default=1, help="requests per client, one after the other")
-    a("--prompt-lens", default="16,64,200,400", help="prompt lengths (tokens) to draw from")
-    a("--output-lens", default="16,48,96,160", help="completion lengths (tokens) to draw from")
+    a("--requests", type=int, default=3, help="requests per client, one after the other")
+    a("--prompt-lens", default="16,32,64,128,256", help="prompt lengths (tokens) to draw from")
+    a("--output-lens", default="32,64,128,256", help="completion lengths (tokens) to draw from")
     a("--file-tokens", type=int, default=800, help="growing-file workload: the file's length at the start")
     a("--file-growth", type=int, default=4, help="tokens the file grows by between requests")
     a("--file-requests", type=int, default=12)

@@ -17,6 +17,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": ("mellum2.tokenizer.cli", "train / inspect the byte-level BPE tokenizer"),
     "data": ("mellum2.data.cli", "prepare the pre-training corpus (filters, dedup, FIM, packing)"),
     "train": ("mellum2.train.pretrain", "pre-train (and long-context stage) with Muon, WHD schedule, MTP"),
+    "sft": ("mellum2.posttrain.sft", "supervised fine-tuning into the Instruct or Thinking variant"),
     "train-mtp": ("mellum2.train.mtp_head", "train an MTP draft head for a frozen checkpoint"),
     "plan": ("mellum2.train.plan", "memory per GPU and step time / tokens per day of a training layout"),
     "generate": ("mellum2.infer.cli", "generate text (optionally MTP-speculative)"),

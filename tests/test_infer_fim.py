@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mellum2 import Mellum2, ModelConfig
-from mellum2.infer.fim import complete, continue_text, demo_completion, fim_prompt, fim_stop_ids
+from mellum2.infer.fim import complete, continue_text, demo_completion, fim_prompt, fim_stop_ids, parses
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -72,3 +72,38 @@ def test_demo_completion_reports_acceptance():
     assert "acceptance" in lines[-1] and "<FILL>" in "".join(lines)
     c = continue_text(m, CharTok(), "def f():\n", max_new_tokens=8)
     assert len(c.tokens) <= 8
+
+
+def test_parses():
+    assert parses("def f(x):\n    return x + 1\n")
+    assert not parses("def f(x):\n    return x +\n")
+    assert not parses("def f(x):\nreturn x\n")  # no indented body
+    assert not parses("x = 1\x00")
+
+
+def test_continue_text_ends_at_a_stop_string():
+    """The text ends where the first stop string starts; the tokens run to the one that completed it."""
+    m = Mellum2(ModelConfig.from_preset("test-small")).eval()
+    t = CharTok()
+    prompt = "def f():\n"
+    toks = naive_greedy(m, [t.bos_id] + t.encode(prompt), 16)
+    text = t.decode(toks)
+    stop = text[5:7]
+    c = continue_text(m, t, prompt, max_new_tokens=16, stop_strings=(stop,))
+    j = next(j for j in range(len(toks) + 1) if stop in t.decode(toks[:j]))  # the token that completes it
+    assert c.finish_reason == "stop" and c.text == text[:text.index(stop)] and c.tokens == toks[:j]
+    spec = continue_text(m, t, prompt, max_new_tokens=16, stop_strings=(stop,), speculative=True)
+    assert spec.tokens == c.tokens and spec.text == c.text
+
+
+def test_demo_completion_checks_that_the_code_parses():
+    m = Mellum2(ModelConfig.from_preset("test-small")).eval()
+    lines = []
+    out = demo_completion(m, CharTok(), prompts=("def f():\n", ("a = ", "\nprint(a)")), max_new_tokens=6,
+                          say=lines.append)
+    assert out["prompts"] == 2 and out["parsed"] == sum(c["parses"] for c in out["completions"])
+    for c in out["completions"]:
+        p = c["prompt"]
+        assert c["parses"] == parses(p[0] + c["completion"] + p[1] if isinstance(p, tuple) else p + c["completion"])
+    assert f"{out['parsed']}/2 completions parse as Python" in lines
+    assert out["compile_s"] == 0.0

@@ -164,9 +164,11 @@ def test_disconnect_frees_the_slot(make_server, stream):
     good(srv.url)
 
 
-def test_a_failing_request_ends_alone(make_server):
-    """One request fails inside the engine while another is in the same batch: only it gets an error."""
-    srv = make_server(max_num_seqs=4, mode="static")
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+def test_a_failing_request_ends_alone(make_server, mode):
+    """One request fails in the backend while others wait or run with it (static: in the same
+    batch, which is then replayed one request at a time): only it gets an error."""
+    srv = make_server(max_num_seqs=4, mode=mode)
     gate, entered = _blocked(srv)
     poison = [0, 9, 9, 9, 9]
     results = {}
@@ -197,4 +199,39 @@ def test_a_failing_request_ends_alone(make_server):
     assert results["ok"].status_code == 200 and results["ok"].json()["choices"][0]["text"] == \
         post(srv.url, "/v1/completions", {**GOOD, "max_tokens": 8}).json()["choices"][0]["text"]
     assert_error(results["bad"], 500, "poisoned")
+    good(srv.url)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_failure_ends_that_request_only(make_server, serve_model, stream):
+    """The continuous engine: one request's stop-string check raises inside the engine (its
+    detokenize callback) while another runs in the same batch; the first gets a 500 (or an error
+    event), the second its full, correct output."""
+    from mellum2 import generate
+    from mellum2.serve.server import make_engine
+
+    _, m, tok = serve_model
+
+    def boom(ids):
+        raise RuntimeError("detokenizer exploded")
+
+    srv = make_server(engine=make_engine(m, max_num_seqs=4, max_model_len=1024, detokenize=boom))
+    assert srv.state.backend.mode == "continuous"
+    results = {}
+    bad = {**GOOD, "max_tokens": 30, "stop": ["zzz"], "stream": stream}
+    ok = {**GOOD, "max_tokens": 30, "ignore_eos": True}
+    threads = [threading.Thread(target=lambda n=n, b=b: results.__setitem__(n, post(srv.url, "/v1/completions", b)))
+               for n, b in (("bad", bad), ("ok", ok))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ref = generate(m, [tok.bos_id] + tok.encode(GOOD["prompt"]), max_new_tokens=30, ignore_eos=True)
+    assert results["ok"].status_code == 200
+    assert results["ok"].json()["choices"][0]["text"] == tok.decode([t for t in ref.tokens if t != tok.eos_id])
+    if stream:
+        events = [x[6:] for x in results["bad"].text.split("\n\n") if x.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "detokenizer exploded" in json.loads(events[-2])["error"]["message"]
+    else:
+        assert_error(results["bad"], 500, "detokenizer exploded")
     good(srv.url)

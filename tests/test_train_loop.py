@@ -161,10 +161,14 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     last_step = recs[-1]["step"]
     from mellum2.train import checkpoint
 
-    newest = checkpoint.latest(out)
-    assert int(newest.name.split("_")[1]) < last_step  # nothing saved once the streak hit the limit
-    model = checkpoint.load_model(newest)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    skipped = {r["step"] for r in recs if r["skipped"]}
+    assert not [p for s, p in checkpoint.list_checkpoints(out) if s in skipped]  # none during the streak
+    good = checkpoint.last_good(out)
+    assert f"last good checkpoint: {good or 'none'}" in r.stderr
+    if good is not None:
+        assert int(good.name.split("_")[1]) < last_step
+        model = checkpoint.load_model(good)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -182,6 +186,10 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--weight-decay", "nan"], "--weight-decay: expected >= 0, got nan"),
     (["--weight-decay", "inf"], "--weight-decay: expected >= 0, got inf"),
     (["--resume", "--out", "A_FILE"], "exists and is not a directory"),
+    (["--phases", "nope"], "--phases 'nope': neither a preset"),
+    (["--phases", '{"budget": 1}'], "--phases: expected a JSON list of phases, got dict"),
+    (["--phases", '[{"budget": 1, "mixture": {"code": 1}, "fim_rate": 2}]'], r"phases\[0\].fim_rate"),
+    (["--mtp-loss-weight", "-1"], "--mtp-loss-weight: expected >= 0, got -1"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, bad, match):
     """Each is a MellumError (TrainError, ConfigError, ShardError, NotFoundError ...) naming the problem."""
@@ -241,3 +249,23 @@ def test_compile_flag_parsing_and_the_reported_choice(tmp_path, capsys):
                   "--seq-len", "32", *FAST])
     assert f"compile off (auto: 2 steps < {pretrain.COMPILE_AUTO_MIN_STEPS}" in capsys.readouterr().out
     assert "compile" not in json.loads((out / "args.json").read_text())["parallel"]
+
+
+def test_phases_and_mtp_weight_flags(tmp_path):
+    """--phases sets the curriculum (its budgets move the LR decay), --mtp-loss-weight the model config's
+    MTP weight; both are part of the trajectory that resume checks."""
+    out = tmp_path / "run"
+    phases = ('[{"budget": 0.5, "mixture": {"web": 1}}, {"budget": 0.1, "mixture": {"web": 1}}, '
+              '{"budget": 0.4, "mixture": {"web": 1}}]')
+    pretrain.run(["--preset", "test-small", "--out", str(out), "--max-steps", "10", "--batch-size", "2",
+                  "--seq-len", "32", "--phases", phases, "--mtp-loss-weight", "0.3", "--no-tensorboard", *FAST])
+    args = json.loads((out / "args.json").read_text())
+    assert args["phase_boundaries_steps"] == [5, 6, 10]  # the report's 58/26/16 would give [6, 9, 10]
+    assert args["trajectory"]["phases"] == phases and args["trajectory"]["config"]["mtp_loss_weight"] == 0.3
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # hold until the third phase starts (step index 6, at the peak), then the decay to 0 (the report's
+    # budgets would start it at step index 9)
+    assert lrs[:7] == [3e-3] * 7 and lrs[7:] == pytest.approx([3e-3 * (10 - s) / 4 for s in (7, 8, 9)])
+    with pytest.raises(TrainError, match="mtp_loss_weight"):
+        pretrain.run(["--preset", "test-small", "--out", str(out), "--max-steps", "12", "--batch-size", "2",
+                      "--seq-len", "32", "--phases", phases, "--resume", "--no-tensorboard", *FAST])

@@ -12,6 +12,7 @@ Text is encoded with `allow_special=False` when the tokenizer supports it, so co
 """
 from __future__ import annotations
 
+import ast
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from mellum2.locate import resolve_model_dir
 
 from .api import as_model, make_params
 from .engine import Engine, Stats, engine_for
+
+# where a left-to-right completion of a top-level function ends: the next top-level statement (the stop
+# sequences of HumanEval's evaluation, as bigcode-evaluation-harness uses them)
+FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\n@", "\nimport ", "\nfrom ")
 
 DEMO_PROMPTS = (
     "def fibonacci(n):\n",
@@ -63,7 +68,19 @@ def fim_prompt(tokenizer, prefix: str, suffix: str, bos: bool = True) -> list[in
 
 def _finish(res, tokenizer, stop_ids) -> Completion:
     toks = res.tokens[:-1] if res.tokens and res.finish_reason == "stop" and res.tokens[-1] in stop_ids else res.tokens
-    return Completion(tokenizer.decode(toks), list(toks), res.finish_reason, res.stats)
+    text = tokenizer.decode(toks)
+    if isinstance(res.stop, str) and res.stop in text:  # a stop string: the text ends where it starts
+        text = text[:text.index(res.stop)]
+    return Completion(text, list(toks), res.finish_reason, res.stats)
+
+
+def parses(source: str) -> bool:
+    """Whether `source` is valid Python (ast.parse)."""
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte
+        return False
+    return True
 
 
 def _engine(model) -> Engine:
@@ -82,47 +99,65 @@ def complete(model, tokenizer, prefix: str, suffix: str = "", max_new_tokens: in
 
 
 def continue_text(model, tokenizer, text: str, max_new_tokens: int = 128, speculative: bool = False,
-                  draft_tokens: int = 1, **sampling) -> Completion:
-    """Left-to-right completion of `text` (after the bos), stopping at the end of the document."""
+                  draft_tokens: int = 1, stop_strings=(), **sampling) -> Completion:
+    """Left-to-right completion of `text` (after the bos), stopping at the end of the document or at
+    the first of `stop_strings` (FUNCTION_STOPS: the end of a top-level function), which the returned
+    text does not include."""
     stop = tuple(i for i in (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "eos_id", None)) if i is not None)
-    params = make_params(max_new_tokens, stop=list(stop), **sampling)
+    params = make_params(max_new_tokens, stop=list(stop) + list(stop_strings), **sampling)
     prompt = [tokenizer.bos_id] + _encode(tokenizer, text)
-    res = _engine(model).generate([prompt], params, speculative, draft_tokens)[0]
+    res = _engine(model).generate([prompt], params, speculative, draft_tokens,
+                                  detokenize=tokenizer.decode if stop_strings else None)[0]
     return _finish(res, tokenizer, stop)
 
 
 def demo_completion(model_dir_or_model, tokenizer, prompts=DEMO_PROMPTS, max_new_tokens: int = 64,
-                    draft_tokens: int = 1, draft_vocab=None, say=print) -> dict:
-    """Complete each prompt (a string: left to right; a (prefix, suffix) pair: FIM) greedily, plainly and
-    with MTP speculation; print the completions, the acceptance and the speed-up. Returns the figures.
+                    draft_tokens: int = 1, draft_vocab=None, compile: bool = False, say=print) -> dict:
+    """Complete each prompt (a string: left to right, to the end of its top-level function; a (prefix,
+    suffix) pair: FIM) greedily, plainly and with MTP speculation; print the completions, whether each
+    filled-in function parses as Python, the acceptance and the speed-up. Returns the figures.
     Speculative greedy output is identical to plain greedy; that is checked here too. A checkpoint
-    directory's draft_vocab.json (from `mellum2 train-mtp`) is used unless draft_vocab is given."""
+    directory's draft_vocab.json (from `mellum2 train-mtp`) is used unless draft_vocab is given.
+    compile: the engine's compiled decode steps; the times then leave out compiling (`compile_s`)."""
     m = as_model(model_dir_or_model)
     if draft_vocab is None and isinstance(model_dir_or_model, (str, Path)) and m.mtp is not None:
         draft_vocab = stored_draft_vocab(resolve_model_dir(model_dir_or_model))
-    m = Engine(m, draft_vocab=draft_vocab)  # its own engine: the cached one keeps the full vocabulary
-    totals = {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "identical": True}
+    m = Engine(m, draft_vocab=draft_vocab, compile=compile)  # its own engine: the cached one keeps the full vocabulary
+    totals = {"plain_s": 0.0, "spec_s": 0.0, "compile_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0,
+              "identical": True, "parsed": 0, "prompts": len(prompts), "completions": []}
+    spec = None
     for p in prompts:
-        run = (lambda **kw: complete(m, tokenizer, p[0], p[1], max_new_tokens, **kw)) if isinstance(p, tuple) \
-            else (lambda **kw: continue_text(m, tokenizer, p, max_new_tokens, **kw))
+        fim = isinstance(p, tuple)
+        run = (lambda **kw: complete(m, tokenizer, p[0], p[1], max_new_tokens, **kw)) if fim \
+            else (lambda **kw: continue_text(m, tokenizer, p, max_new_tokens, stop_strings=FUNCTION_STOPS, **kw))
         t0 = time.perf_counter()
         plain = run()
         t1 = time.perf_counter()
         spec = run(speculative=True, draft_tokens=draft_tokens)
         t2 = time.perf_counter()
-        totals["plain_s"] += t1 - t0
-        totals["spec_s"] += t2 - t1
+        totals["plain_s"] += t1 - t0 - plain.stats.compile_s
+        totals["spec_s"] += t2 - t1 - spec.stats.compile_s
+        totals["compile_s"] += plain.stats.compile_s + spec.stats.compile_s
         totals["tokens"] += len(spec.tokens)
         totals["drafted"] += spec.stats.drafted
         totals["accepted"] += spec.stats.accepted
         totals["identical"] &= plain.tokens == spec.tokens
-        shown = f"{p[0]}<FILL>{p[1]}" if isinstance(p, tuple) else p
-        say(f"--- prompt\n{shown}\n--- completion (MTP speculative, greedy)\n{spec.text}\n")
-    if spec.stats.notice:
+        source = f"{p[0]}{spec.text}{p[1]}" if fim else f"{p}{spec.text}"
+        ok = parses(source)
+        totals["parsed"] += ok
+        totals["completions"].append({"prompt": p, "completion": spec.text, "parses": ok})
+        shown = f"{p[0]}<FILL>{p[1]}" if fim else p
+        say(f"--- prompt\n{shown}\n--- completion (MTP speculative, greedy{', compiled' if compile else ''})\n"
+            f"{spec.text}\n--- the filled-in code parses as Python: {'yes' if ok else 'no'}\n")
+    if spec is not None and spec.stats.notice:
         say(f"note: {spec.stats.notice}")
     acc = totals["accepted"] / totals["drafted"] if totals["drafted"] else 0.0
     totals.update(acceptance=acc, speedup=totals["plain_s"] / totals["spec_s"] if totals["spec_s"] else 0.0)
-    say(f"speculative decoding: acceptance {acc:.2f} ({totals['accepted']}/{totals['drafted']} drafts), "
-        f"{totals['tokens']} tokens, {totals['speedup']:.2f}x the plain greedy time, output identical to "
-        f"plain greedy: {totals['identical']}")
+    say(f"{totals['parsed']}/{len(prompts)} completions parse as Python")
+    say(f"speculative decoding{' (compiled engine)' if compile else ''}: acceptance {acc:.2f} "
+        f"({totals['accepted']}/{totals['drafted']} drafts), {totals['tokens']} tokens in "
+        f"{totals['spec_s']:.2f} s against {totals['plain_s']:.2f} s plain greedy: "
+        f"{totals['speedup']:.2f}x the plain greedy speed"
+        + (f" (compiling, {totals['compile_s']:.0f} s, not counted)" if compile else "")
+        + f"; output identical to plain greedy: {totals['identical']}")
     return totals

@@ -47,6 +47,7 @@ from mellum2.train import checkpoint as ckpt
 from mellum2.train.metrics import MetricsLogger, read_jsonl, truncate_jsonl
 from mellum2.train.optim import clip_grad_norm
 from mellum2.train.errors import TrainError
+from mellum2.train.runlock import RunLock
 
 from .grpo import EPS_HIGH, EPS_LOW, ICEPOP, entropy, grpo_loss, loo_advantages, select_groups, token_logprobs
 from .rltasks import KINDS, rl_tasks
@@ -281,7 +282,7 @@ def run(args, scorer=score) -> Path:
         torch.set_num_threads(args.threads)
     say = print
     out = Path(args.out)
-    found = ckpt.latest(out) if args.resume else None
+    found = ckpt.newest_verified(out, say) if args.resume else None  # a damaged newer one: named, set aside
     if args.resume and found is None:
         raise TrainError(f"--resume: no finished checkpoint in {ckpt.checkpoints_root(out)}")
     if not args.resume and ckpt.list_checkpoints(out):
@@ -470,5 +471,7 @@ def plot_rl(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    with RunLock(args.out):  # one writer per run directory (mellum2/train/runlock.py)
+        run(args)
     return 0

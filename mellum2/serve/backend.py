@@ -189,7 +189,7 @@ class Backend:
 
     # ------------------------------------------------------------------ the worker side
     def _gauges(self) -> None:
-        """(lock held) running / waiting gauges."""
+        """(lock held) running / waiting gauges (continuous: refined by the engine's stats each step)."""
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting))
 
@@ -383,6 +383,10 @@ class Backend:
         drafted, accepted = get("drafted", 0) or 0, get("accepted", 0) or 0
         self.metrics.speculative(drafted - self.drafted, accepted - self.accepted)
         self.drafted, self.accepted = drafted, accepted
-        used = get("kv_used", None)
+        used = get("kv_use", None)
         if used is not None:
             self.metrics.kv_use.set(used)
+        if get("running", None) is not None:  # the engine's own view: decoding + prefilling, queued in it
+            with self._lock:
+                self.metrics.running.set(get("running", 0) + (get("prefilling", 0) or 0))
+                self.metrics.waiting.set(len(self._waiting) + (get("waiting", 0) or 0))

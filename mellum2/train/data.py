@@ -100,14 +100,15 @@ class SyntheticLoader:
 
 
 def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: int, total_tokens: int,
-                rank: int, world_size: int, seed: int, long_context: dict | None = None):
+                rank: int, world_size: int, seed: int, long_context: dict | None = None, phases=None):
     """`data`: 'synthetic', a prepared data directory, or None for the embedded default corpus.
+    `phases`: the curriculum (resolve_phases' forms; None: the report's three phases).
     `long_context`: options of `LongContextLoader` (the long-context stage) instead of the curriculum.
     Returns (loader, data_dir or None)."""
     common = dict(batch_size=batch_size, seq_len=seq_len, total_tokens=total_tokens, rank=rank,
                   world_size=world_size, seed=seed)
     if data == "synthetic":
-        return SyntheticLoader(None, vocab_size=vocab_size, **common), None
+        return SyntheticLoader(None, vocab_size=vocab_size, phases=phases, **common), None
     if data is None:
         data_dir = Path(ensure_default_data(progress=rank == 0))
     else:
@@ -123,7 +124,7 @@ def make_loader(data: str | None, *, vocab_size: int, batch_size: int, seq_len: 
         except ValueError as e:
             raise TrainError(f"long-context data: {e}") from None
     else:  # a missing index, a truncated or corrupt shard: ShardError, naming the file
-        loader = Loader(data_dir, **common)
+        loader = Loader(data_dir, phases=phases, **common)
     n = getattr(getattr(loader, "store", None), "vocab_size", None)
     if n is not None and n > vocab_size:
         raise TrainError(f"{data_dir}: its tokenizer has {n} tokens but the model's vocab_size is {vocab_size} "

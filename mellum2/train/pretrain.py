@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -28,19 +27,20 @@ import torch
 
 from mellum2 import atomic
 from mellum2.allocator import keep_freed_memory
-from mellum2.errors import DiskError, MellumError, describe_os_error, run_stage
+from mellum2.data.curriculum import PHASE_PRESETS, named_phases
+from mellum2.errors import MellumError, run_stage
 from mellum2.model import Mellum2, ModelConfig
 from mellum2.model.accounting import check_memory, flops_per_token
 from mellum2.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
 from .data import make_loader
-from .errors import TrainError, TrainingDiverged
+from .errors import TrainError
 from .long_context import ROPE_LAYERS, extended_config, load_extended, source_dir
-from .metrics import MetricsLogger, measure_peak_flops, plot_losses, read_jsonl, summarize
+from .loop import Run, write_json
+from .metrics import MetricsLogger, measure_peak_flops
 from .optim import build_optimizers
-from .parallel import (all_gather_objects, barrier, broadcast_object, full_model_state, full_optim_state,
-                       init_distributed, install_count_reducer, load_optim_state, parallelize, shutdown)
+from .parallel import all_gather_objects, broadcast_object, init_distributed, install_count_reducer, parallelize, shutdown
 from .runlock import RunLock, RunLocked
 from .sample import completions
 from .schedule import WarmupHoldDecay
@@ -54,9 +54,10 @@ DEFAULT_LR = {"mellum2-12b": 3e-4, "mellum2-12b-8k": 3e-4, "tiny": 3e-3, "test-s
 # keeps one), before activations: what `check_memory` compares with the memory available
 TRAIN_BYTES_PER_PARAM = 16
 
-# what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes)
+# what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes), on
+# the code-heavy curriculum, which scores better on held-out Python (docs/train.md "The demo's recipe")
 DEMO_ARGS = ["--preset", "tiny", "--max-steps", "240", "--batch-size", "8", "--seq-len", "512",
-             "--save-every", "80", "--log-every", "5"]
+             "--save-every", "80", "--log-every", "5", "--phases", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seq-len", type=int, default=None, help="default: min(max_position_embeddings, 8192)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     a("--lr", type=float, default=None, help="peak learning rate (Muon and AdamW); default per preset")
+    a("--phases", default=None,
+      help=f"the curriculum: a preset ({', '.join(PHASE_PRESETS)}; default report) or a JSON list of "
+           "phases ({budget, mixture, fim_rate, fim_code_only}); the LR decays over the last phase")
+    a("--mtp-loss-weight", type=float, default=None, help="weight of the MTP loss (default: the model config's)")
     a("--warmup-steps", type=int, default=None, help="default: min(2000, 5%% of the steps)")
     a("--weight-decay", type=float, default=0.1)
     a("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
@@ -150,7 +155,12 @@ def _cxx() -> str | None:
 
 
 def _model_config(args) -> ModelConfig:
-    return ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    cfg = ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    if args.mtp_loss_weight is None:
+        return cfg
+    if not (args.mtp_loss_weight >= 0 and math.isfinite(args.mtp_loss_weight)):
+        raise TrainError(f"--mtp-loss-weight: expected >= 0, got {args.mtp_loss_weight:g}")
+    return cfg.replace(mtp_loss_weight=args.mtp_loss_weight)
 
 
 def _check_args(args, cfg) -> None:
@@ -165,28 +175,21 @@ def _check_args(args, cfg) -> None:
         v = getattr(args, name)
         if v is not None and not (v >= 0 and (name == "clip" or math.isfinite(v))):  # --clip inf: no clipping
             raise TrainError(f"--{name.replace('_', '-')}: expected >= 0, got {v}")
+    _phases(args)  # a bad --phases is an error before the run directory is touched
     for name in ("lr", "peak_tflops"):
         v = getattr(args, name)
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise TrainError(f"--{name.replace('_', '-')}: expected a positive number, got {v}")
 
 
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+def _phases(args):
+    """The curriculum --phases names (None: the report's), or a TrainError saying what is wrong."""
+    if args.phases is not None and args.stage != "pretrain":
+        raise TrainError("--phases is for pre-training (the long-context stage has its own loader)")
+    try:
+        return named_phases(args.phases)
+    except (ValueError, TypeError) as e:
+        raise TrainError(str(e)) from None
 
 
 def _pretrain(args) -> Path:
@@ -281,11 +284,13 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
         raise TrainError(f"--tokens {args.tokens} is less than one step ({tps} tokens per step: batch size x "
                          f"sequence length x gradient accumulation x processes); raise --tokens or use --max-steps")
     total_tokens = total_steps * tps
+    phases = _phases(args)
     loader, data_dir = make_loader(args.data, vocab_size=cfg.vocab_size, batch_size=args.batch_size,
                                    seq_len=args.seq_len, total_tokens=total_tokens, rank=d.rank,
                                    world_size=d.world, seed=args.seed,
                                    long_context=dict(repo_fraction=args.repo_fraction,
-                                                     repo_fim_rate=args.repo_fim_rate) if long_ctx else None)
+                                                     repo_fim_rate=args.repo_fim_rate) if long_ctx else None,
+                                   phases=phases)
     lr = args.lr if args.lr is not None else (3e-4 if long_ctx else DEFAULT_LR.get(args.preset, 3e-4))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(2000, total_steps // 20))
     schedule = WarmupHoldDecay.from_phase_boundaries(lr, warmup, loader.phase_boundaries, tps)
@@ -294,6 +299,8 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
                   "grad_accum": args.grad_accum, "world_size": d.world, "total_tokens": total_tokens,
                   "lr": lr, "warmup_steps": warmup, "weight_decay": args.weight_decay, "clip": args.clip,
                   "precision": args.precision, "fp8": args.fp8, "seed": args.seed, "data": args.data or "default"}
+    if args.phases is not None:  # only when given, so runs from before the flag still resume
+        trajectory["phases"] = args.phases
     if long_ctx:
         trajectory.update(stage=args.stage, source=str(src.resolve()), rope_factor=args.rope_factor,
                           rope_layers=args.rope_layers, repo_fraction=args.repo_fraction,
@@ -326,13 +333,9 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
                       clip=args.clip, max_bad_steps=args.max_bad_steps, tap=tap)
 
     # ---- restore the training state
+    job = Run(out, trainer, model, optims, loader, schedule, cfg, d, trajectory, keep=args.keep)
+    job.restore(found)
     if found is not None:
-        ts = ckpt.load_train_state(found)
-        ckpt.check_compatible(ts["trajectory"], trajectory, found)
-        load_optim_state(model, optims.list, ts["optim"], d)
-        loader.load_state_dict(ts["loader"][d.rank])
-        trainer.load_state_dict(ts["trainer"])
-        _set_rng_state(ts["rng"][d.rank])
         say(f"resumed from {found} at step {trainer.step} ({trainer.tokens:,} tokens)")
     if d.is_main and data_dir is not None and (data_dir / "tokenizer").is_dir() and not (out / "tokenizer").exists():
         # the run directory carries its tokenizer (inference finds it next to the checkpoints); saved
@@ -340,29 +343,8 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
         with atomic.atomic_dir(out / "tokenizer") as tmp:
             Tokenizer.load(data_dir / "tokenizer").save(tmp)
     if d.is_main:
-        _write_json(out / "args.json", {**vars(args), "trajectory": trajectory, "parallel": applied,
+        write_json(out / "args.json", {**vars(args), "trajectory": trajectory, "parallel": applied,
                                         "total_steps": total_steps, "phase_boundaries_steps": boundaries_steps})
-
-    saved = [trainer.step if found is not None else -1]
-
-    def save() -> None:
-        if saved[0] == trainer.step:
-            return
-        logger.log_steps(trainer.drain())
-        if trainer.bad_streak:  # the weights are the last applied step's, but "last good" must mean good
-            say(f"note: no checkpoint at step {trainer.step}: its last {trainer.bad_streak} step(s) were non-finite "
-                f"(last good checkpoint: {ckpt.last_good(out) or 'none'})")
-            return
-        saved[0] = trainer.step
-        model_state = full_model_state(model, d)
-        optim_state = full_optim_state(model, optims.list, d)
-        loaders, rngs = all_gather_objects(loader.state_dict(), d), all_gather_objects(_rng_state(), d)
-        if d.is_main:
-            state = {"format": ckpt.FORMAT, "trainer": trainer.state_dict(), "optim": optim_state,
-                     "loader": loaders, "rng": rngs, "trajectory": trajectory, "schedule": schedule.state_dict()}
-            ckpt.save(out, trainer.step, trainer.tokens, cfg=cfg, model_state=model_state, train_state=state,
-                      keep=args.keep)
-        barrier(d)
 
     fpt = flops_per_token(cfg, args.seq_len)["train"]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (measure_peak_flops(
@@ -373,28 +355,9 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
     logger = MetricsLogger(out, enabled=d.is_main, total_steps=total_steps, start_step=trainer.step,
                            start_tokens=trainer.tokens, flops_per_token=fpt, peak_flops=peak,
                            tensorboard=not args.no_tensorboard, progress=not args.no_progress)
-    try:
-        while trainer.step < total_steps:
-            trainer.train_step()
-            if trainer.step % args.log_every == 0:
-                logger.log_steps(trainer.drain())
-            if args.save_every and trainer.step % args.save_every == 0 and trainer.step < total_steps:
-                save()
-        save()
-    except TrainingDiverged as e:
-        logger.log_steps(trainer.drain())
-        raise TrainingDiverged(f"{e}; last good checkpoint: {ckpt.last_good(out) or 'none'}") from None
-    except OSError as e:  # a full disk or lost permissions while logging
-        raise DiskError(f"{describe_os_error(e)}; training stopped at step {trainer.step}, last saved checkpoint: "
-                        f"{ckpt.list_checkpoints(out)[-1][1] if ckpt.list_checkpoints(out) else 'none'}") from None
-    finally:
-        logger.close()
-
+    job.loop(total_steps, logger, args.log_every, args.save_every)
+    summary = job.finish(boundaries_steps)
     if d.is_main:
-        recs = read_jsonl(out / "metrics.jsonl")
-        plot_losses(out / "metrics.jsonl", out / "loss.png", boundaries_steps)
-        summary = summarize(recs, boundaries_steps)
-        _write_json(out / "summary.json", summary)
         say(json.dumps(summary))
     if args.samples and data_dir is not None and (data_dir / "tokenizer").exists():
         tok = Tokenizer.load(data_dir / "tokenizer")
