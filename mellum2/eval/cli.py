@@ -189,7 +189,9 @@ def run_passkey(a) -> tuple[dict, str]:
     res = passkey.run(model, tok, a.lengths, a.depths, a.samples, a.seed)
     rows = [{"length": L, "exact": acc, "digit acc": res["token_acc_by_length"][L],
              "digit nll": res["nll_by_length"][L]} for L, acc in res["by_length"].items()]
-    return res, f"passkey accuracy ({a.samples} samples per cell)\n" + table(rows)
+    rope = model.cfg.rope_parameters["full_attention"]
+    native = rope.get("original_max_position_embeddings", model.cfg.max_position_embeddings)
+    return res, f"passkey accuracy ({a.samples} samples per cell, native context {native})\n" + table(rows)
 
 
 def run_ppl(a) -> tuple[dict, str]:
