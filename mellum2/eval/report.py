@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -162,10 +161,3 @@ def write(out: Path, stages, state: dict) -> Path:
     atomic.write_text(path, build(Path(out), stages, state))
     return path
 
-
-if __name__ == "__main__":
-    from .speedrun import _load_state, stages as all_stages
-
-    d = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/speedrun")
-    s = _load_state(d)
-    print(write(d, all_stages(s.get("preset", "default")), s))

@@ -230,11 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated stage names to run (the rest keep their state)")
     ap.add_argument("--data", help="an already prepared corpus (`mellum2 data prepare --out DIR`) instead of the "
                                    "data stage")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from OUT/state.json, run nothing")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     if a.data and not (Path(a.data) / "index.json").is_file():
         raise UsageError(f"--data {a.data}: not a prepared corpus (no index.json there)")
     todo = stages(a.preset, a.device, a.data)
+    if a.report_only:
+        if not (out / "state.json").is_file():
+            raise UsageError(f"--report-only: {out} holds no speedrun (no state.json)")
+        state = _load_state(out)
+        print(f"report: {report.write(out, stages(state.get('preset', a.preset), a.device, a.data), state)}")
+        return 0
     if a.only:
         names = set(a.only.split(","))
         unknown = names - {s.name for s in todo}
