@@ -23,8 +23,11 @@ once more in its own subprocess (warm-up + one step). transformers' batched_mm (
 only gets that one-step figure. Achieved FLOP/s = accounting.flops_per_token(cfg, seq)["train"] x
 step tok/s, against the matmul peak this script measures (square bf16 / fp32 GEMMs, all threads).
 
-    .venv/bin/python benchmarks/train_throughput.py [--batch 8] [--seq 512] [--iters 3] [--precisions fp32,bf16]
-        [--threads N] [--skip-batched-mm] [--skip-memory]
+    .venv/bin/python benchmarks/train_throughput.py [--config tiny] [--batch 8] [--seq 512] [--iters 3]
+        [--precisions fp32,bf16] [--threads N] [--skip-batched-mm] [--skip-memory] [--kinds ours,hf_eager]
+
+`--config` is a preset name or a config.json (benchmarks/configs/ holds other shapes: moe64.json is
+`tiny` with 12B's routing, 64 experts top-8); `--kinds` picks the configurations (default all).
 
 The last stdout line is one JSON object.
 """
@@ -58,10 +61,19 @@ class _Repeat:
             yield self.batch
 
 
+def load_config(spec: str, mtp: bool) -> ModelConfig:
+    """A preset name or a config.json path; MTP on or off."""
+    base = ModelConfig.from_hf(spec) if spec.endswith(".json") or Path(spec).is_dir() else ModelConfig.from_preset(spec)
+    return base.replace(num_nextn_predict_layers=int(mtp))
+
+
+CONFIG = "tiny"  # set by --config (and passed on to the memory subprocesses)
+
+
 def build(kind: str, batch: int, seq: int):
     """(fwd_bwd(prec), step(prec), cfg) for 'ours', 'ours_mtp', 'ours_compiled' or 'hf_<impl>'."""
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", num_nextn_predict_layers=1 if kind == "ours_mtp" else 0)
+    cfg = load_config(CONFIG, kind == "ours_mtp")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
 
     def ctx(prec):
@@ -145,6 +157,8 @@ def matmul_peak(dtype, n=2048, seconds=1.0) -> float:
 def main():
     keep_freed_memory()  # mellum2/allocator.py; process-wide, so both sides of the comparison get it
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="tiny", help="preset name or config.json")
+    ap.add_argument("--kinds", default=None, help="comma-separated subset of the configurations")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=3, help="interleaved rounds; the best round counts")
@@ -157,13 +171,18 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     precs = a.precisions.split(",")
+    global CONFIG
+    CONFIG = a.config
     if a.one:
         print(json.dumps(one(a.one, precs, a.batch, a.seq)))
         return
     kinds = ["ours", "ours_compiled", "ours_mtp", "hf_eager", "hf_grouped_mm"]
+    if a.kinds:
+        kinds = [k for k in kinds if k in a.kinds.split(",")]
     mem = {}
     for kind in [] if a.skip_memory else kinds + ([] if a.skip_batched_mm else ["hf_batched_mm"]):
-        cmd = [sys.executable, __file__, "--one", kind, "--precisions", a.precisions, "--batch", str(a.batch),
+        cmd = [sys.executable, __file__, "--one", kind, "--config", a.config, "--precisions", a.precisions,
+               "--batch", str(a.batch),
                "--seq", str(a.seq)] + (["--threads", str(a.threads)] if a.threads else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -193,15 +212,14 @@ def main():
                     best[(k, prec, name)] = min(best.get((k, prec, name), float("inf")), dt)
                     times.setdefault((k, prec, name), []).append(dt)
     tok = a.batch * a.seq
-    res = {"benchmark": "train_throughput", "preset": "tiny", "batch": a.batch, "seq": a.seq,
+    res = {"benchmark": "train_throughput", "config": a.config, "batch": a.batch, "seq": a.seq,
            "threads": torch.get_num_threads(), "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()}}
-    print(f"tiny (no MTP unless noted), batch {a.batch} x {a.seq}, {torch.get_num_threads()} threads, best of "
+    print(f"{a.config} (no MTP unless noted), batch {a.batch} x {a.seq}, {torch.get_num_threads()} threads, best of "
           f"{a.iters} interleaved rounds; matmul peak measured: bf16 {peaks['bf16'] / 1e9:.0f}, "
           f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
     print(f"{'':<16}{'prec':>6}{'fwd+bwd tok/s':>15}{'step tok/s':>12}{'GFLOP/s':>9}{'of peak':>9}{'peak RSS':>10}")
     for k in kinds + ["hf_batched_mm"]:
-        fpt = flops_per_token(ModelConfig.from_preset("tiny", num_nextn_predict_layers=int(k == "ours_mtp")),
-                              a.seq)["train"]
+        fpt = flops_per_token(load_config(a.config, k == "ours_mtp"), a.seq)["train"]
         for prec in _precs(k, precs):
             if k in built:
                 fb_s, st_s = tok / best[(k, prec, "fwd_bwd")], tok / best[(k, prec, "step")]
@@ -218,6 +236,8 @@ def main():
             print(f"{k:<16}{prec:>6}{fb_s:>15,.0f}{st_s:>12,.0f}{gf:>9.1f}{gf * 1e9 / peaks[prec]:>9.1%}{rss_s:>10}")
     for prec in precs:
         hf = {k: res[f"{k}_{prec}"] for k in ("hf_eager", "hf_grouped_mm") if f"{k}_{prec}" in res}
+        if not hf:
+            continue
         peer_fb = max(hf, key=lambda k: hf[k]["fwd_bwd_tok_s"])
         peer_st = max(hf, key=lambda k: hf[k]["step_tok_s"])
         for ours in ("ours", "ours_compiled"):

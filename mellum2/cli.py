@@ -17,11 +17,16 @@ STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": ("mellum2.tokenizer.cli", "train / inspect the byte-level BPE tokenizer"),
     "data": ("mellum2.data.cli", "prepare the pre-training corpus (filters, dedup, FIM, packing)"),
     "train": ("mellum2.train.pretrain", "pre-train (and long-context stage) with Muon, WHD schedule, MTP"),
+    "sft": ("mellum2.posttrain.sft", "supervised fine-tuning into the Instruct or Thinking variant"),
     "train-mtp": ("mellum2.train.mtp_head", "train an MTP draft head for a frozen checkpoint"),
+    "plan": ("mellum2.train.plan", "memory per GPU and step time / tokens per day of a training layout"),
     "generate": ("mellum2.infer.cli", "generate text (optionally MTP-speculative)"),
     "complete": ("mellum2.infer.cli", "fill-in-the-middle completion"),
-    "eval": ("mellum2.eval.cli", "evaluations (passkey, ppl-by-position, ...)"),
+    "eval": ("mellum2.eval.cli", "evaluations (humaneval, infill, completion, bpb, mtp, chat, rl, passkey, lm-eval, ...)"),
+    "speedrun": ("mellum2.eval.speedrun", "the whole recipe end to end, every eval, runs/speedrun/report.md"),
     "chat": ("mellum2.chat.cli", "chat with an Instruct/Thinking checkpoint (reasoning, tool calls, MTP)"),
+    "serve": ("mellum2.serve.cli", "OpenAI-compatible HTTP server (completions, chat, tools, web chat page)"),
+    "rl": ("mellum2.posttrain.rl", "RL with verifiable rewards (Mellum 2's GRPO variant) from an SFT run"),
 }
 
 

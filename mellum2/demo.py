@@ -7,12 +7,15 @@ Steps (each a call into the stage's own module, nothing demo-specific hidden her
      how long the demo takes);
   4. code completion with the trained model: left to right (to the end of the function) and
      fill-in-the-middle, plain greedy and MTP self-speculative through the compiled engine (identical
-     output; whether each filled-in function parses, the acceptance and the speed-up printed).
+     output; whether each filled-in function parses, the acceptance and the speed-up printed);
+  5. a short SFT of that model into the Instruct variant on the embedded chat data (`mellum2 sft`);
+  6. one chat turn and one tool call with it (the terminal chat's code, greedy, the tool run locally).
 Re-running continues where it stopped: a finished training run is reused, an interrupted one resumed.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -20,8 +23,12 @@ import torch
 
 from .data import ensure_default_data
 from .infer import demo_completion
-from .model import Mellum2, ModelConfig
+from .chat.cli import Chat
+from .infer import Engine, SamplingParams
+from .model import Mellum2, ModelConfig, load_pretrained
 from .model.info import print_report, report
+from .posttrain import sft
+from .posttrain.tools import TOOLS, run_tool
 from .tokenizer import Tokenizer
 from .train import checkpoint as ckpt
 from .train import pretrain
@@ -72,6 +79,39 @@ def step_complete(run_dir: Path) -> dict:
     return demo_completion(run_dir, Tokenizer.load(run_dir / "tokenizer"), compile=True)
 
 
+def step_sft(base: Path, out: Path) -> Path:
+    print("\n== 5. supervised fine-tuning into the Instruct variant (embedded chat data, MTP on) ==")
+    if (out / "config.json").is_file():
+        print(f"{out}: already fine-tuned; delete it to fine-tune again")
+        return out
+    resume = ["--resume"] if ckpt.list_checkpoints(out) else []
+    return sft.run(sft.DEMO_ARGS + ["--from", str(base), "--out", str(out), *resume])
+
+
+def step_chat(model_dir: Path) -> dict:
+    """One chat turn and one tool call (the calculator, run here), greedy, through `mellum2 chat`'s Chat."""
+    print("\n== 6. chatting with the Instruct model (greedy) ==")
+    tok = Tokenizer.load(model_dir)
+    model = load_pretrained(model_dir, dtype=torch.float32)
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=200, temperature=0.0)
+    chat = Chat(engine, tok, params, model.cfg.max_position_embeddings, speculative=model.mtp is not None, color=False)
+    print("> Who are you?")
+    first = chat.say("Who are you?")
+    chat = Chat(engine, tok, params, model.cfg.max_position_embeddings, system="You are a helpful assistant with "
+                "access to tools.", tools=[TOOLS["calculator"]], speculative=model.mtp is not None, color=False)
+    print("\n> What is 37 * 43? Use the calculator.")
+    msg = chat.say("What is 37 * 43? Use the calculator.")
+    calls = (msg or {}).get("tool_calls") or []
+    for c in calls:
+        result = run_tool(c["function"]["name"], json.loads(c["function"]["arguments"]))
+        print(f"[tool response] {result}")
+        chat.command(f"/tool {result}")  # after the last call's answer the model goes on
+    if not calls:
+        print("(no tool call this time: the model answered directly)")
+    return {"identity": (first or {}).get("content"), "tool_calls": calls}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mellum2 demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="training run directory")
@@ -84,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     step_data()
     out = step_train(Path(a.out))
     step_complete(out)
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; the run is in {out} (loss.png, metrics.jsonl, samples.txt); "
-          f"next: `mellum2 generate --model {out} --prompt 'def '`, docs/train.md, docs/inference.md")
+    chat_dir = step_sft(out, Path(f"{a.out}-sft"))
+    step_chat(chat_dir)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; the run is in {out} (loss.png, metrics.jsonl, samples.txt), "
+          f"the Instruct model in {chat_dir}; next: `mellum2 generate --model {out} --prompt 'def '`, "
+          f"`mellum2 chat --model {chat_dir}`, docs/train.md, docs/inference.md, docs/posttrain.md")
     return 0

@@ -11,7 +11,7 @@ import torch
 
 from mellum2 import Mellum2, ModelConfig, load_pretrained
 from mellum2.cli import main as mellum2_cli
-from mellum2.model.accounting import available_memory, count_params
+from mellum2.model.accounting import count_params
 from mellum2.model.config import ConfigError
 from mellum2.tokenizer.bpe import train_bpe
 from mellum2.train import checkpoint, mtp_head, pretrain
@@ -96,6 +96,7 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, capsys):
 
 
 def test_vocab_2e7_on_tiny_is_refused_for_training_where_it_cannot_fit(tmp_path, capsys):
+    from mellum2.model.accounting import available_memory
     cfg = ModelConfig.from_preset("tiny", vocab_size=20_000_000)
     if count_params(cfg, "all") * 16 < available_memory("cpu"):
         pytest.skip("this machine could hold it")
@@ -148,8 +149,10 @@ def test_non_utf8_prompt_bytes_from_a_shell(ckpt):
 @pytest.mark.parametrize("argv,msg", [
     (["--samples", "0"], "--samples: expected >= 1, got 0"),
     (["--json", "."], "--json .: is a directory"),
-    (["--json", "/nonexistent/dir/out.json"], "does not exist"),
+    (["--json", "NOWHERE/dir/out.json"], "does not exist"),
 ])
-def test_eval_refuses_bad_arguments_before_running(ckpt, capsys, argv, msg):
+def test_eval_refuses_bad_arguments_before_running(ckpt, capsys, tmp_path, argv, msg):
+    argv = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in argv]
     assert mellum2_cli(["eval", "passkey", "--model", str(ckpt), "--lengths", "64", *argv]) == 2
+    assert not (tmp_path / "nowhere").exists()
     assert msg in _one_line_error(capsys, "eval")

@@ -195,3 +195,23 @@ def test_fused_qkv_training_path_equals_separate_projections(autocast):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     assert results[0][1].abs().sum() > 0
+
+
+def test_packed_hint_equals_finding_out():
+    """The trainer's host-side `packed` flag (train/trainer.py) gives the masks the model would find
+    itself, and the same loss, for packed and unpacked rows."""
+    from mellum2.model.decoder import packed_doc_ids
+
+    cfg = ModelConfig.from_preset("test-small")
+    model = Mellum2(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    plain = torch.arange(12).expand(2, 12)
+    packed = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
+    for pos in (plain, packed):
+        flag = bool((pos.diff(dim=-1) != 1).any())  # what the trainer computes
+        assert flag == (packed_doc_ids(pos) is not None)
+        found, hinted = packed_doc_ids(pos), packed_doc_ids(pos, flag)
+        assert (found is None and hinted is None) or torch.equal(found, hinted)
+        a = model(ids, labels=ids, position_ids=pos).loss
+        b = model(ids, labels=ids, position_ids=pos, packed=flag).loss
+        assert torch.equal(a, b)

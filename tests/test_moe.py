@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mellum2 import ModelConfig
-from mellum2.model.moe import MoE, Router
+from mellum2.model.moe import Experts, MoE, Router
 
 
 def _moe(**kw):
@@ -169,3 +169,49 @@ def test_moe_layer_traces_as_one_graph():
         explanation = torch._dynamo.explain(m)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_gate_up_cache_reused_until_the_weights_change():
+    """The [gate; up] bf16 stack is built once per weight version: a second forward (a further
+    micro-batch, a checkpointed recompute) reuses it, an optimiser's in-place update rebuilds it, and
+    gradients equal those of the plain concatenation."""
+    cfg = ModelConfig.from_preset("test-small")
+    torch.manual_seed(0)
+    ex = Experts(cfg)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(12, cfg.hidden_size)
+    ids = torch.randint(0, cfg.num_experts, (12, cfg.num_experts_per_tok))
+    w = torch.rand(12, cfg.num_experts_per_tok)
+    grads = []
+    for cache in (True, False):
+        ex.cache_gate_up = cache
+        ex.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ex(x, ids, w).float().square().sum().backward()
+            first = ex._gate_up
+            ex(x, ids, w).float().square().sum().backward()  # accumulates a second micro-batch
+            assert (first is not None and ex._gate_up is first) if cache else ex._gate_up is None
+        grads.append([p.grad.clone() for p in ex.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    ex.cache_gate_up = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ex(x, ids, w)
+        before = ex._gate_up
+        with torch.no_grad():
+            ex.up_proj.mul_(2)  # what an optimiser step does
+        ex(x, ids, w)
+    assert ex._gate_up is not before
+    assert torch.equal(ex._gate_up[:, cfg.moe_intermediate_size:].float(), ex.up_proj.detach().bfloat16().float())
+    # reference: the plain autograd concatenation
+    ex.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ex(x, ids, w).float().square().sum().backward()
+    got = [p.grad.clone() for p in ex.parameters()]
+    ex.zero_grad()
+    ex.impl = "loop"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ex(x, ids, w).float().square().sum().backward()
+    for a, b in zip(got, [p.grad for p in ex.parameters()]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

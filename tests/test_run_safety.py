@@ -17,7 +17,6 @@ from mellum2.model import load_pretrained
 from mellum2.model.hf import CheckpointError
 from mellum2.train import checkpoint, pretrain
 from mellum2.train.errors import TrainError
-from mellum2.train.runlock import RunLock, RunLocked
 from test_train_utils import ROOT, cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,6 +55,7 @@ def test_two_runs_on_one_fresh_directory(tmp_path):
 
 
 def test_a_held_lock_refuses_train_resume_and_writes_nothing(tmp_path, capsys):
+    from mellum2.train.runlock import RunLock, RunLocked
     out = tmp_path / "run"
     pretrain.run(RUN + ["--out", str(out), "--max-steps", "2"])
     before = _files(out)
@@ -96,7 +96,6 @@ def test_no_checkpoint_during_a_non_finite_streak_and_last_good_is_good(tmp_path
 
 
 def test_pruning_keeps_the_newest_finite_checkpoint(tmp_path):
-    cfg_model = load_pretrained  # noqa: F841 (import check)
     from test_checkpoint import _save
     _save(tmp_path, 2)
     meta_f = tmp_path / "checkpoints" / "step_00000002" / "meta.json"

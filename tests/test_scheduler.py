@@ -244,3 +244,52 @@ def test_speculative_logprobs_equal_plain(model):
             logits = model(torch.tensor([pr + r.tokens])).logits[0, len(pr) - 1:-1].float() / 0.8
         want = logits.log_softmax(-1).gather(-1, torch.tensor(r.tokens)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(r.logprobs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_does_not_stall_running_streams(model):
+    """A 100-token prompt arriving while a stream decodes is prefilled 8 tokens a step; the running
+    stream gets a token at every one of those steps, and both outputs equal their alone runs."""
+    long_prompt = torch.randint(3, 300, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = [alone(model, PROMPTS[0], params(40)).tokens, alone(model, long_prompt, params(5)).tokens]
+    eng = Engine(model, max_num_seqs=4, prefill_chunk=8)
+    a = eng.submit(PROMPTS[0], params(40))
+    got = {a: []}
+    for _ in range(3):
+        for d in eng.step():
+            got[d.request_id] += d.token_ids
+    b = eng.submit(long_prompt, params(5))
+    got[b] = []
+    steps = 0
+    while not got[b]:
+        ds = eng.step()
+        steps += 1
+        assert any(d.request_id == a and d.token_ids for d in ds)  # the stream kept going
+        for d in ds:
+            got[d.request_id] += d.token_ids
+    assert steps == 100 // 8 + 1
+    for d in eng.run_until_done().values():
+        pass
+    assert eng.stats()["running"] == 0
+
+
+def test_an_abandoned_generate_call_frees_the_engine(model):
+    eng = Engine(model)
+    run = eng.stream(PROMPTS[:2], params(20))
+    next(iter(run))
+    run._it.close()  # what a break or an exception in the caller's loop does
+    assert not eng.has_work()
+    r = eng.generate([PROMPTS[0]], params(12), speculative=True, draft_tokens=2)[0]  # a new mode: allowed
+    assert r.tokens == alone(model, PROMPTS[0], params(12)).tokens
+
+
+def test_stream_without_the_driver_steps_the_engine(model):
+    want = [alone(model, p, params(n)).tokens for p, n in zip(PROMPTS[:2], BUDGETS[:2])]
+    eng = Engine(model, max_num_seqs=4)
+    a, b = eng.submit(PROMPTS[0], params(BUDGETS[0])), eng.submit(PROMPTS[1], params(BUDGETS[1]))
+    it = eng.stream(a)
+    first = next(it)
+    s = eng.stats()
+    assert s["running"] == 2 and s["kv_slots_used"] == 2 and 0 < s["kv_use"] < 1
+    assert first.token_ids + [t for d in it for t in d.token_ids] == want[0]
+    # b ran alongside: its stream starts with what it emitted so far
+    assert [t for d in eng.stream(b) for t in d.token_ids] == want[1]

@@ -161,10 +161,14 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     last_step = recs[-1]["step"]
     from mellum2.train import checkpoint
 
-    newest = checkpoint.latest(out)
-    assert int(newest.name.split("_")[1]) < last_step  # nothing saved once the streak hit the limit
-    model = checkpoint.load_model(newest)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    skipped = {r["step"] for r in recs if r["skipped"]}
+    assert not [p for s, p in checkpoint.list_checkpoints(out) if s in skipped]  # none during the streak
+    good = checkpoint.last_good(out)
+    assert f"last good checkpoint: {good or 'none'}" in r.stderr
+    if good is not None:
+        assert int(good.name.split("_")[1]) < last_step
+        model = checkpoint.load_model(good)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("bad, match", [

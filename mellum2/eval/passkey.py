@@ -54,7 +54,8 @@ def answer_stats(model, sample: Sample) -> dict:
     is ~0.1) and `nll` (mean negative log-likelihood per token of the number; ln 10 = 2.30 is a uniform
     digit guess); the closing "." counts for `exact` only. The graded two separate "retrieves a bit"
     from "retrieves nothing" when exact accuracy is 0."""
-    ids = torch.tensor([sample.ids])
+    head = getattr(model, "lm_head", None)  # test doubles carry no weights: they run on the CPU
+    ids = torch.tensor([sample.ids], device=head.weight.device if head is not None else "cpu")
     h, _ = model.trunk(ids[:, :-1])
     logits = model.head(h[:, -sample.n_answer:]).float()[0]  # predictions for the answer tokens only
     target = ids[0, -sample.n_answer:]

@@ -26,7 +26,7 @@ def nll_by_position(model, seqs, chunk: int = 1024) -> torch.Tensor:
     """[N, T-1] NLL of token t+1 given tokens 0..t, for equal-length sequences (a list of id lists)."""
     out = []
     for ids in seqs:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.lm_head.weight.device)
         h, _ = model.trunk(x)
         nll = []
         for s in range(0, x.shape[1] - 1, chunk):  # logits in chunks: V x T fp32 would be large

@@ -46,9 +46,9 @@ import torch
 from mellum2.model.transformer import Mellum2
 
 from .forward import Fast, Reference
-from .kvcache import KVCache
+from .pool import Pool
 from .prefix import PrefixCache
-from .request import DECODE, FINISHED, PREFILL, WAITING, Delta, Request, Result, Stats
+from .request import DECODE, PREFILL, WAITING, Delta, Request, Result, Stats
 from .sampling import Sampler, SamplingParams
 from .speculative import draft, gather_rows, speculative_step
 from .batch import Generation
@@ -67,8 +67,9 @@ class Engine:
     fast: the decode fast path (forward.Fast) instead of the model's own trunk code (Reference).
     max_num_seqs: rows of the KV pool (requests decoding at once; more wait). None: grown to the
       requests at hand whenever the engine is idle (what a batched `generate` wants).
-    max_model_len: longest prompt + max_new_tokens accepted (default: the model's context); with
-      max_num_seqs it fixes the pool's size. None: each pool is sized to the requests at hand.
+    max_model_len: longest prompt + max_new_tokens accepted (default: the model's context). With
+      either of the two set, the pool is max_num_seqs (or as needed) rows of max_model_len (or the
+      model's context) positions; with neither, each pool is sized to the requests at hand.
     prefill_chunk: prompt tokens prefilled per step (all admitted requests together).
     speculative, draft_tokens: MTP self-speculative decoding with k drafts for every request (when the
       model has an MTP head; `generate(speculative=...)` switches it while the engine is idle).
@@ -106,10 +107,8 @@ class Engine:
         self.compiled = CompiledSteps(self.fwd, self.device)  # used when compile=True
         self.prefix = PrefixCache(prefix_block, prefix_cache_tokens // prefix_block)
         # the pool and its per-row device state (row = slot; see the module docstring)
-        self.pool: KVCache | None = None
-        self._views: dict = {}
+        self.pool: Pool | None = None
         self._rows: list[Request] = []  # by slot: decoding, then prefilling
-        self._tok_S1 = self._n_S = self._drafts_Sk = self._q_SkV = None
         self._sampler_key, self._sampler = None, None
         # requests: every live one by id; the waiting queue; what other threads hand over
         self._reqs: dict[str, Request] = {}
@@ -357,7 +356,7 @@ class Engine:
         self.last_finished = []
         self._check_weights()
         self._take_inbox(deltas)
-        self._admit(deltas)
+        self._admit()
         n_dec = next((i for i, r in enumerate(self._rows) if r.state != DECODE), len(self._rows))
         if n_dec:
             self._guarded(self._decode, 0, n_dec, deltas)
@@ -442,10 +441,8 @@ class Engine:
         """(Re)build the pool while no row is in use when it cannot hold the next waiting requests;
         False when the head of the queue must wait for rows to free."""
         head = self._waiting[0]
-        kk = self.k + 1 if self.speculative else 1
         p = self.pool
-        fits = (p is not None and p.capacity >= self._need(head) and p.step_tokens >= kk
-                and (p.has_mtp or not self.speculative) and (p.dtype, p.device) == (self.dtype, self.device))
+        fits = p is not None and p.fits(self._need(head), self.k, self.speculative, self.dtype, self.device)
         if fits and (self._rows or self.max_num_seqs is not None or p.batch >= min(len(self._waiting), AUTO_ROWS)):
             return len(self._rows) < p.batch
         if self._rows:
@@ -453,33 +450,19 @@ class Engine:
         rows = self.max_num_seqs or max(min(len(self._waiting), AUTO_ROWS), p.batch if p is not None else 1)
         if self.compile:
             cap = self.cfg.max_position_embeddings + 2 * self.k + 1
-        elif self.max_model_len is not None:
-            cap = self.max_model_len + 2 * self.k + 1
+        elif self.max_model_len is not None or self.max_num_seqs is not None:
+            cap = (self.max_model_len or self.cfg.max_position_embeddings) + 2 * self.k + 1
         else:
             cap = max(self._need(r) for r in list(self._waiting)[:rows])
             if p is not None and (p.dtype, p.device) == (self.dtype, self.device):
                 cap = max(cap, p.capacity)
-        self.pool = KVCache(self.cfg, rows, cap, self.dtype, self.device, step_tokens=kk, mtp=self.speculative)
-        self._views = {}
+        self.pool = Pool(self.cfg, rows, cap, self.dtype, self.device, self.k, self.speculative)
         self.compiled.clear()  # compiled steps captured the old pool's views
-        S, dev = rows, self.device
-        self._tok_S1 = torch.zeros(S, 1, dtype=torch.long, device=dev)
-        self._n_S = torch.zeros(S, dtype=torch.long, device=dev)
-        self._drafts_Sk = torch.zeros(S, self.k, dtype=torch.long, device=dev)
-        self._q_SkV, self._q_ok = None, [False] * S
         if p is not None and (p.dtype, p.device) != (self.dtype, self.device):
             self.prefix.clear()  # its blocks are in the old dtype / on the old device
         return True
 
-    def _view(self, a: int, b: int, fresh: bool = False) -> KVCache:
-        if fresh:
-            return self.pool.rows(a, b, fresh=True)
-        v = self._views.get((a, b))
-        if v is None:
-            v = self._views[(a, b)] = self.pool.rows(a, b)
-        return v
-
-    def _admit(self, deltas) -> None:
+    def _admit(self) -> None:
         while self._waiting and self._ensure_pool():
             r = self._waiting.popleft()
             r.slot, r.state = len(self._rows), PREFILL
@@ -496,11 +479,7 @@ class Engine:
         for t, r in enumerate(keep):
             if r.slot != t:
                 src = r.slot
-                self.pool.move_row(src, t, (r.n + 2 * self.k + 2) if r.state == DECODE else r.done_prompt)
-                for x in (self._tok_S1, self._n_S, self._drafts_Sk, self._q_SkV):
-                    if x is not None:
-                        x[t] = x[src]
-                self._q_ok[t] = self._q_ok[src]
+                self.pool.move(src, t, (r.n + 2 * self.k + 2) if r.state == DECODE else r.done_prompt)
                 r.slot = t
         self._rows = keep
 
@@ -525,9 +504,9 @@ class Engine:
     def _decode(self, a: int, b: int, deltas) -> None:
         rows = self._rows[a:b]
         B, k = b - a, self.k
-        view = self._view(a, b)
+        view = self.pool.view(a, b)
         sampler = self._sampler_for(rows)
-        tok_B1, n_B = self._tok_S1[a:b], self._n_S[a:b]
+        tok_B1, n_B = self.pool.tok_S1[a:b], self.pool.n_S[a:b]
         hi = max(r.n for r in rows) + (k + 1 if self.speculative else 1)
         extra = None
         if not self.speculative:
@@ -538,18 +517,18 @@ class Engine:
             out_BT, p_BTV = sampler.sample_with_probs(logits_BTV)
             if sampler.penalties:
                 sampler.observe(out_BT)
-            self._tok_S1[a:b], self._n_S[a:b] = out_BT, n_B + 1
+            self.pool.tok_S1[a:b], self.pool.n_S[a:b] = out_BT, n_B + 1
             m_host = [0] * B
         else:
-            extra = self._drafts_Sk[a:b].clone()  # what this step verifies (the penalties' context)
+            extra = self.pool.drafts_Sk[a:b].clone()  # what this step verifies (the penalties' context)
             if sampler.plain_greedy and self.compile:
                 res = self.compiled.speculative(view, a, k, tok_B1, extra, n_B, hi)
             else:
-                q = None if sampler.plain_greedy else self._q_rows(a, b)
+                q = None if sampler.plain_greedy else self.pool.q_rows(a, b)
                 res = speculative_step(self.fwd, sampler, view, tok_B1, extra, q, n_B, k, hi)
             out_BT, m_B, logits_BTV, p_BTV, tok_B1, drafts_Bk, q_BkV, n_B = res
-            self._tok_S1[a:b], self._n_S[a:b], self._drafts_Sk[a:b] = tok_B1, n_B, drafts_Bk
-            self._set_q(a, b, q_BkV)
+            self.pool.tok_S1[a:b], self.pool.n_S[a:b], self.pool.drafts_Sk[a:b] = tok_B1, n_B, drafts_Bk
+            self.pool.set_q(a, b, q_BkV)
             m_host = m_B.tolist()
         self.totals["steps"] += 1
         self._emit(rows, out_BT, logits_BTV, p_BTV, sampler, m_host, deltas, extra)
@@ -560,25 +539,6 @@ class Engine:
                 st.drafted, st.accepted, st.verify_rows = st.drafted + k, st.accepted + m, st.verify_rows + 1
                 self.totals["drafted"] += k
                 self.totals["accepted"] += m
-
-    def _q_rows(self, a, b):
-        """The draft distributions of rows a..b-1 (one-hot of a greedy draft where none was kept)."""
-        if self._q_SkV is None:
-            self._q_SkV = torch.zeros(self.pool.batch, self.k, self.cfg.vocab_size, device=self.device)
-        for i in range(a, b):
-            if not self._q_ok[i]:
-                self._q_SkV[i].zero_().scatter_(-1, self._drafts_Sk[i][:, None], 1.0)
-                self._q_ok[i] = True
-        return self._q_SkV[a:b]
-
-    def _set_q(self, a, b, q_BkV):
-        if q_BkV is None:
-            self._q_ok[a:b] = [False] * (b - a)
-        else:
-            if self._q_SkV is None:
-                self._q_SkV = torch.zeros(self.pool.batch, self.k, self.cfg.vocab_size, device=self.device)
-            self._q_SkV[a:b] = q_BkV
-            self._q_ok[a:b] = [True] * (b - a)
 
     def _emit(self, rows, out_BT, logits_BTV, p_BTV, sampler: Sampler, m_host, deltas, extra=None) -> None:
         """Copy a step's tokens to the host (the step's one sync) and hand them to the requests.
@@ -625,7 +585,7 @@ class Engine:
         ids_BT = torch.tensor(ids, device=dev)
         pos_BT = (torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)).clamp(max=cap - 1)
         valid_BT = torch.arange(T, device=dev) < torch.tensor(takes, device=dev)[:, None]
-        view = self._view(a, b, fresh=all(s == 0 for s in starts))
+        view = self.pool.view(a, b, fresh=all(s == 0 for s in starts))
         capture = self.prefix.max_blocks > 0
         if capture:
             view.capture = []
@@ -657,12 +617,12 @@ class Engine:
         if not c:
             return
         n_c = torch.tensor([len(r.prompt) for r in rows[:c]], device=dev)
-        self._tok_S1[a:a + c], self._n_S[a:a + c] = tok_c1, n_c
+        self.pool.tok_S1[a:a + c], self.pool.n_S[a:a + c] = tok_c1, n_c
         if self.speculative:
-            drafts, q = draft(self.fwd, sampler, self._view(a, a + c), y_BD[:c], tok_c1[:, 0], n_c, self.k,
+            drafts, q = draft(self.fwd, sampler, self.pool.view(a, a + c), y_BD[:c], tok_c1[:, 0], n_c, self.k,
                               hi=max(len(r.prompt) for r in rows[:c]) + self.k + 1)
-            self._drafts_Sk[a:a + c] = drafts
-            self._set_q(a, a + c, q)
+            self.pool.drafts_Sk[a:a + c] = drafts
+            self.pool.set_q(a, a + c, q)
         for r in rows[:c]:
             r.state, r.n = DECODE, len(r.prompt)
             self.prefix.store(r)

@@ -66,6 +66,14 @@ class KVCache:
         self._step = None
         self.capture: list | None = None  # when a list: attend appends (layer, k, v) of every step (prefix caching)
 
+    def mark_static(self) -> None:
+        """Tell torch.compile that the buffers a step writes in place keep their address from call to
+        call (gpt-fast's static cache): a compiled step then treats them as static inputs, and
+        cudagraphs (mode="reduce-overhead") keeps the step instead of skipping it for "mutated inputs".
+        Called by the compiled steps only (it imports dynamo, a second of start-up)."""
+        for t in self.k + self.v + [self.ring_pos_BR]:
+            torch._dynamo.mark_static_address(t)
+
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
         """Bytes of stored keys and values (what `accounting.kv_cache_bytes` predicts)."""

@@ -200,8 +200,14 @@ class Request:
 
     # ------------------------------------------------------------------ streaming
     def listen(self) -> queue.Queue:
+        """The request's Delta queue; created late, it starts with one Delta of everything so far."""
         if self.queue is None:
             self.queue = queue.Queue()
+            res = self.res
+            if res.tokens or self.state == FINISHED:
+                self.queue.put(Delta(self.id, list(res.tokens), None if res.logprobs is None else list(res.logprobs),
+                                     None if res.top_logprobs is None else list(res.top_logprobs),
+                                     self.state == FINISHED, res.finish_reason, res.error))
         return self.queue
 
     def publish(self, d: Delta) -> None:

@@ -45,7 +45,7 @@ class CompiledSteps:
             return step
         one_row = isinstance(fwd, Fast) and fwd._bf16_cpu and view.batch == 1
         with _one_row_gemms(one_row):  # (a no-op inside the trace: set around the compiled call)
-            return self._call(("plain", a, a + view.batch, hb), make, ids_B1, pos_B1)
+            return self._call(("plain", a, a + view.batch, hb), view, make, ids_B1, pos_B1)
 
     def speculative(self, view, a: int, k: int, tok_B1, drafts_Bk, n_B, hi: int):
         """`speculative_step` for plain greedy rows; returns what it returns."""
@@ -55,9 +55,9 @@ class CompiledSteps:
             def step(tok_B1, drafts_Bk, n_B):
                 return speculative_step(fwd, None, view, tok_B1, drafts_Bk, None, n_B, k, hb)
             return step
-        return self._call(("spec", k, a, a + view.batch, hb), make, tok_B1, drafts_Bk, n_B)
+        return self._call(("spec", k, a, a + view.batch, hb), view, make, tok_B1, drafts_Bk, n_B)
 
-    def _call(self, key, build, *args):
+    def _call(self, key, view, build, *args):
         """Call the compiled step `key`, compiling build() at its first call. Every row range and
         bucket recompiles the same Python function, so the first call lifts dynamo's per-function
         recompile limit (8)."""
@@ -66,6 +66,7 @@ class CompiledSteps:
         fn = self.graphs.get(key)
         if fn is not None:
             return fn(*args)
+        view.mark_static()  # the cache it writes in place: static inputs, not "mutated inputs"
         fn = self.graphs[key] = self._compile(build())
         t0 = time.perf_counter()
         with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):

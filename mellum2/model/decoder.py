@@ -31,9 +31,13 @@ class DecoderLayer(nn.Module):
         return x_BTD + y_BTD, router
 
 
-def packed_doc_ids(position_ids_BT: torch.Tensor | None) -> torch.Tensor | None:
-    """Document ids when a row packs several documents, else None (then no mask is needed)."""
+def packed_doc_ids(position_ids_BT: torch.Tensor | None, packed: bool | None = None) -> torch.Tensor | None:
+    """Document ids when a row packs several documents, else None (then no mask is needed).
+    `packed` (known by a caller that saw the positions on the host: the trainer) skips the test
+    here, which on a GPU is a host sync in every forward."""
+    if packed is False:
+        return None
     doc = doc_ids_from_positions(position_ids_BT)
-    if doc is None or not bool((doc[:, -1] != 0).any()):
+    if doc is None or (packed is None and not bool((doc[:, -1] != 0).any())):
         return None
     return doc

@@ -55,6 +55,10 @@ class Experts(nn.Module):
         # (kernels/cpu_experts.py), train/fp8.py an FP8 version
         self.gmm = F.grouped_mm
         self.max_pad = 64  # see pad_of
+        # the [gate; up] stack in the compute dtype, reused while neither weight changed (see gate_up);
+        # train/parallel.py turns it off under FSDP, whose unsharded weights are transient
+        self.cache_gate_up = True
+        self._gate_up_key, self._gate_up = None, None
 
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         return (self.grouped if self.impl == "grouped" else self.loop)(x_TD, ids_TK, w_TK)
@@ -75,7 +79,7 @@ class Experts(nn.Module):
             # training: gate and up in one grouped matmul (each expert's [D, 2I]): a wider GEMM and one
             # gradient matmul for x in backward (bf16 tiny, experts fwd+bwd: 36 -> 26 ms). The two stay
             # separate parameters (Muon orthogonalises each matrix; the released layout keeps them apart).
-            gu_ED2I = torch.cat([self.gate_proj.to(dt), self.up_proj.to(dt)], 1).transpose(1, 2)
+            gu_ED2I = self.gate_up(dt)
             g_RI, u_RI = self.gmm(x_RD, gu_ED2I, offs=offs_E).chunk(2, dim=-1)
         else:  # inference (a prefill): no copy of the weights for the concatenation, two matmuls
             g_RI = self.gmm(x_RD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
@@ -83,6 +87,29 @@ class Experts(nn.Module):
         y_RD = self.gmm(F.silu(g_RI) * u_RI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
         y_TKD = _Combine.apply(y_RD, dest_S, slot_R).view(T, K, D)  # back to slot order
         return (y_TKD * w_TK.to(dt)[..., None]).sum(1)
+
+    def gate_up(self, dt) -> torch.Tensor:
+        """[gate; up] as one [E, D, 2I] operand in `dt` (a transposed view of [E, 2I, D]) whose gradient
+        flows back to both parameters. One copy casts and concatenates (not a cast, then a
+        concatenation: two passes), and the copy is kept while neither weight's version changes: the
+        micro-batches of a step (gradient accumulation) and activation checkpointing's recomputed
+        forward reuse it; the optimiser's in-place update invalidates it. The price is the bf16 copy
+        held between steps (what the forward holds for backward anyway). Compiled, inductor fuses the
+        plain expression itself."""
+        if torch.compiler.is_compiling():
+            return torch.cat([self.gate_proj.to(dt), self.up_proj.to(dt)], 1).transpose(1, 2)
+        g, u = self.gate_proj, self.up_proj
+        key = (dt, g.data_ptr(), u.data_ptr(), g._version, u._version)
+        if self.cache_gate_up and self._gate_up_key == key:
+            buf_E2ID = self._gate_up
+        else:
+            I = g.shape[1]
+            with torch.no_grad():
+                buf_E2ID = torch.empty(g.shape[0], 2 * I, g.shape[2], dtype=dt, device=g.device)
+                buf_E2ID[:, :I].copy_(g)
+                buf_E2ID[:, I:].copy_(u)
+            self._gate_up_key, self._gate_up = (key, buf_E2ID) if self.cache_gate_up else (None, None)
+        return _GateUp.apply(g, u, buf_E2ID)
 
     def pad_of(self, device, dt, S: int) -> int:
         """Rows per expert group are rounded up to a multiple of this (1: no padding). On the CPU,
@@ -117,6 +144,21 @@ def _pads(gmm) -> bool:
     """The grouped matmuls that run oneDNN per group, so pad_of's rounding keeps their shapes recurring:
     torch's, and those that say so (`per_group_gemms`, kernels/cpu_experts.py)."""
     return gmm is F.grouped_mm or getattr(gmm, "per_group_gemms", False)
+
+
+class _GateUp(torch.autograd.Function):
+    """Forward: the prepared [gate; up] stack buf_E2ID, transposed to [E, D, 2I]. Backward: the
+    gradient split back into gate's and up's halves in their own dtypes (the cast's gradient)."""
+
+    @staticmethod
+    def forward(ctx, gate_EID, up_EID, buf_E2ID):
+        ctx.I, ctx.dtypes = gate_EID.shape[1], (gate_EID.dtype, up_EID.dtype)
+        return buf_E2ID.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, g_ED2I):
+        g_E2ID = g_ED2I.transpose(1, 2)
+        return g_E2ID[:, :ctx.I].to(ctx.dtypes[0]), g_E2ID[:, ctx.I:].to(ctx.dtypes[1]), None
 
 
 class _Dispatch(torch.autograd.Function):

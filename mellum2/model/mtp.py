@@ -39,7 +39,7 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg, cfg.num_hidden_layers, cfg.mtp_layer_type, cfg.mtp_mlp_type)])
         self.norm = _norm(cfg)
 
-    def forward(self, lm, h_BTD, next_ids_BT, position_ids_BT=None, cache=None):
+    def forward(self, lm, h_BTD, next_ids_BT, position_ids_BT=None, cache=None, packed: bool | None = None):
         """h_BTD: trunk hidden states at positions t; next_ids_BT: tokens t+1. Returns the MTP layer's
         output [B, T, D] (before mtp.norm) and its router outputs."""
         B, T = next_ids_BT.shape
@@ -51,7 +51,7 @@ class MTP(nn.Module):
             z_BTD.device.type) else torch.get_autocast_dtype(z_BTD.device.type))
         plan = None
         if cache is None:
-            plan = MaskCache(lm.cfg, T, packed_doc_ids(position_ids_BT), z_BTD.device).get(self.layer_type)
+            plan = MaskCache(lm.cfg, T, packed_doc_ids(position_ids_BT, packed), z_BTD.device).get(self.layer_type)
         y_BTD, r = self.layers[0](z_BTD, cos, sin, plan, cache)
         return y_BTD, ([r] if r is not None else [])
 

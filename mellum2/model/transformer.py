@@ -82,7 +82,8 @@ class Mellum2(nn.Module):
     def rope(self, position_ids_BT, dtype):
         return {lt: self.rotary(position_ids_BT, lt, dtype) for lt in self.rotary.types}
 
-    def trunk(self, input_ids_BT, position_ids_BT=None, cache=None, masks: MaskCache | None = None):
+    def trunk(self, input_ids_BT, position_ids_BT=None, cache=None, masks: MaskCache | None = None,
+              packed: bool | None = None):
         """Embedding and decoder layers -> hidden [B, T, D] before the final norm, router outputs."""
         B, T = input_ids_BT.shape
         x_BTD = self.model.embed_tokens(input_ids_BT)
@@ -92,7 +93,7 @@ class Mellum2(nn.Module):
             torch.arange(T, device=x_BTD.device).expand(B, T)
         rope = self.rope(pos_BT, dtype)
         if cache is None and masks is None:
-            masks = MaskCache(self.cfg, T, packed_doc_ids(position_ids_BT), x_BTD.device)
+            masks = MaskCache(self.cfg, T, packed_doc_ids(position_ids_BT, packed), x_BTD.device)
         routers = []
         for layer in self.model.layers:
             cos, sin = rope[layer.layer_type]
@@ -108,18 +109,20 @@ class Mellum2(nn.Module):
 
     # ------------------------------------------------------------------ forward + losses
     def forward(self, input_ids, labels=None, position_ids=None, mtp: bool | None = None,
-                return_logits: bool = True) -> Output:
+                return_logits: bool = True, packed: bool | None = None) -> Output:
         """Logits (fp32) and, given labels, the losses. `return_logits=False` (training) computes the
-        CE without materialising the logits (head_loss.linear_ce); Output.logits/mtp_logits are None."""
+        CE without materialising the logits (head_loss.linear_ce); Output.logits/mtp_logits are None.
+        `packed`: whether any row of position_ids starts a second document (None: find out, which
+        is a host sync on a GPU; the trainer knows from the host copy of the batch)."""
         if not return_logits and labels is None:
             raise ValueError("forward(return_logits=False) needs labels: without logits there is only the loss")
-        h_BTD, routers = self.trunk(input_ids, position_ids)
+        h_BTD, routers = self.trunk(input_ids, position_ids, packed=packed)
         out = Output(logits=self.head(h_BTD) if return_logits else None, hidden=h_BTD, routers=routers)
         want_mtp = (labels is not None) if mtp is None else mtp
         hm_BTD = None
         if self.mtp is not None and want_mtp and input_ids.shape[1] > 1:
             hm_BTD, mtp_routers = self.mtp(self, h_BTD[:, :-1], input_ids[:, 1:],
-                                           None if position_ids is None else position_ids[:, :-1])
+                                           None if position_ids is None else position_ids[:, :-1], packed=packed)
             if return_logits:
                 out.mtp_logits = self.mtp.logits(self, hm_BTD)
             out.routers = routers + mtp_routers

@@ -186,6 +186,7 @@ def check_writable(out_dir: Path) -> None:
     directory, `checkpoints` being a file): DiskError naming the path."""
     root = checkpoints_root(out_dir)
     probe = root / f".probe-{os.getpid()}"
+    created = not root.exists() and not root.is_symlink()
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe.mkdir()
@@ -196,6 +197,8 @@ def check_writable(out_dir: Path) -> None:
         raise DiskError(f"checkpoints cannot be saved in {root}: {describe_os_error(e)}") from None
     finally:
         shutil.rmtree(probe, ignore_errors=True)
+        if created:  # leave the directory as it was: the first save creates it
+            shutil.rmtree(root, ignore_errors=True)
 
 
 class _HashingWriter:

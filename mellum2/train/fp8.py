@@ -17,18 +17,27 @@ forward pass (more mantissa) and e5m2 for gradients (more range). Here:
   `Float8Linear` (an nn.Linear subclass sharing the same Parameter, so names, checkpoints and the
   optimiser are unchanged) and `experts.gmm` becomes `Float8GroupedMM`.
 
-Two backends that must agree (tests/test_fp8.py):
+Two backends that must agree (tests/test_fp8.py), both training forward and backward:
 - "scaled_mm": real FP8 GEMMs through `torch._scaled_mm` (fwd e4m3 x e4m3, dgrad e5m2 x e4m3,
-  wgrad e5m2 x e4m3, fp32 accumulation). For experts a loop of `_scaled_mm` over the groups (the
-  obviously correct reference; it syncs once per call for the group offsets).
+  wgrad e5m2 x e4m3, fp32 accumulation), for the linears and, as a loop over the expert groups
+  (`_GroupedScaledMM`, one host sync per call for the group offsets), for the experts.
 - "emulate": quantise-dequantise to exactly representable bf16 values and run the ordinary bf16
   GEMMs, with a straight-through gradient and the output gradient quantised to e5m2 on the way
   back. Because scales are powers of two, every product is the one an FP8 tensor core forms and
   accumulation is fp32, so only the summation order differs. torch's CPU `_scaled_mm` is a
   reference kernel (about 0.06 GFLOP/s measured here, vs ~100-800 for bf16 AMX), so "auto" emulates
-  on CPU and uses `_scaled_mm` for linears on CUDA GPUs with FP8 tensor cores (sm89+). Experts
-  emulate on every device for now: a fused FP8 grouped GEMM (`torch._scaled_grouped_mm`, rowwise
-  scales, sm90+) is the next step and could not be tested on this CPU-only machine.
+  on CPU and uses `_scaled_mm` for linears on CUDA GPUs with FP8 tensor cores (sm89+). Under
+  "auto" the experts emulate on every device: the per-group loop is the reference, not a fast path
+  (a fused FP8 grouped GEMM, `torch._scaled_grouped_mm` with rowwise scales on sm90, is the step
+  that makes FP8 pay; benchmarks/gpu_check.py measures what exists on a GPU).
+
+The shape rule of `torch._scaled_mm` on CUDA (cuBLASLt): mat1 [M, K] row-major, mat2 [K, N]
+column-major, K and N multiples of 16 (M is free). Token counts are rarely multiples of 16, and
+the weight gradient reduces over tokens (mat1 = g^T [N, M]), so every call goes through
+`_scaled_mm`, which zero-pads K and N up to multiples of 16 (exact: zero rows and columns add
+nothing to a dot product and padded output columns are sliced away) and checks the rule itself
+(`check_scaled_mm_shapes`) before calling torch, so a CPU run, whose reference kernel accepts any
+shape, still catches a call that a GPU would reject.
 
 Legend: M rows (tokens), K reduction, N output width, S routed slots, E experts.
 """
@@ -94,10 +103,47 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+SCALED_MM_MULTIPLE = 16  # cuBLASLt's FP8 rule for K and N (see the module docstring)
+
+
+def check_scaled_mm_shapes(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The CUDA shape rule of `torch._scaled_mm(a [M, K], b [K, N])`, checked on every device."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"torch._scaled_mm: expected a [M, K] and b [K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
+    K, N = b.shape
+    if K % SCALED_MM_MULTIPLE or N % SCALED_MM_MULTIPLE:
+        raise ValueError(f"torch._scaled_mm: K={K} and N={N} (a {tuple(a.shape)}, b {tuple(b.shape)}) must be "
+                         f"multiples of {SCALED_MM_MULTIPLE}; pad them (fp8._scaled_mm does)")
+    if a.stride(1) != 1 or b.stride(0) != 1:
+        raise ValueError(f"torch._scaled_mm: a must be row-major and b column-major, got strides "
+                         f"{a.stride()} and {b.stride()}")
+
+
+def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """t [r, c] in a zero [rows, cols] buffer (FP8 zeros are exact zeros); t itself when it fits."""
+    if t.shape == (rows, cols):
+        return t
+    out = t.new_zeros(rows, cols)
+    out[:t.shape[0], :t.shape[1]] = t
+    return out
+
+
+def _round_up(n: int, m: int = SCALED_MM_MULTIPLE) -> int:
+    return (n + m - 1) // m * m
+
+
 def _scaled_mm(a8, sa, b8, sb, out_dtype):
-    """(a8 / sa) @ (b8 / sb) with fp32 accumulation; a row-major, b column-major (cuBLASLt's rule)."""
-    return torch._scaled_mm(a8.contiguous(), _col_major(b8), scale_a=sa.reciprocal().reshape(()),
-                            scale_b=sb.reciprocal().reshape(()), out_dtype=out_dtype)
+    """(a8 / sa) @ (b8 / sb) with fp32 accumulation for a [M, K], b [K, N] of any K, N: both are
+    zero-padded to multiples of 16 and the output's padded columns dropped (exact)."""
+    M, K = a8.shape
+    N = b8.shape[1]
+    Kp, Np = _round_up(K), _round_up(N)
+    a = _pad_to(a8, M, Kp).contiguous()
+    b = _col_major(_pad_to(b8, Kp, Np))
+    check_scaled_mm_shapes(a, b)
+    y = torch._scaled_mm(a, b, scale_a=sa.reciprocal().reshape(()), scale_b=sb.reciprocal().reshape(()),
+                         out_dtype=out_dtype)
+    return y if Np == N else y[:, :N]
 
 
 class _LinearScaledMM(torch.autograd.Function):
@@ -168,29 +214,54 @@ class Float8Linear(nn.Linear):
         return super().extra_repr() + f", fp8={self.backend}"
 
 
-def _grouped_scaled_mm_loop(x_SK, w_EKN, offs_E, out_dtype):
-    """Reference FP8 grouped matmul: per-expert `torch._scaled_mm` (forward only)."""
-    x8, sx = quantize(x_SK, E4M3)
-    w8, sw_E11 = quantize(w_EKN, E4M3, dims=(1, 2))
-    out_SN = x_SK.new_zeros(x_SK.shape[0], w_EKN.shape[2], dtype=out_dtype)
-    start = 0
-    for e, end in enumerate(offs_E.tolist()):
-        if end > start:
-            out_SN[start:end] = _scaled_mm(x8[start:end], sx, w8[e], sw_E11[e], out_dtype)
-        start = end
-    return out_SN
+class _GroupedScaledMM(torch.autograd.Function):
+    """y_SN = grouped x_SK @ w_EKN with real FP8 GEMMs per expert group: the forward, dgrad and wgrad
+    of `_LinearScaledMM` for each group (rows past the last group stay zero, as nothing reads them).
+    Scales as the emulated path: one for x, one per expert matrix, one for the output gradient."""
+
+    @staticmethod
+    def forward(ctx, x_SK, w_EKN, offs_E, out_dtype):
+        x8, sx = quantize(x_SK, E4M3)
+        w8, sw_E11 = quantize(w_EKN, E4M3, dims=(1, 2))
+        ends = offs_E.tolist()  # the one host sync: group bounds decide the slices
+        out_SN = x_SK.new_zeros(x_SK.shape[0], w_EKN.shape[2], dtype=out_dtype)
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                out_SN[start:end] = _scaled_mm(x8[start:end], sx, w8[e], sw_E11[e], out_dtype)
+            start = end
+        ctx.save_for_backward(x8, sx, w8, sw_E11)
+        ctx.ends, ctx.dtypes = ends, (x_SK.dtype, w_EKN.dtype)
+        return out_SN
+
+    @staticmethod
+    def backward(ctx, g_SN):
+        x8, sx, w8, sw_E11 = ctx.saved_tensors
+        g8, sg = quantize(g_SN, E5M2)
+        gx_SK = torch.zeros(x8.shape, dtype=ctx.dtypes[0], device=x8.device)
+        gw_EKN = torch.zeros(w8.shape, dtype=torch.float32, device=w8.device)
+        start = 0
+        for e, end in enumerate(ctx.ends):
+            if end > start:
+                gx_SK[start:end] = _scaled_mm(g8[start:end], sg, w8[e].t(), sw_E11[e], ctx.dtypes[0])
+                gw_EKN[e] = _scaled_mm(x8[start:end].t(), sx, g8[start:end], sg, torch.float32)
+            start = end
+        return gx_SK, gw_EKN.to(ctx.dtypes[1]), None, None
 
 
 class Float8GroupedMM:
     """Drop-in for `experts.gmm(x_SK, w_EKN, offs=offs_E) -> y_SN` with FP8 operands (see docstring)."""
 
     def __init__(self, backend: str = "auto"):
+        if backend not in ("auto", "emulate", "scaled_mm"):
+            raise ValueError(f"fp8 backend must be 'auto', 'emulate' or 'scaled_mm', got {backend!r}")
         self.backend = backend
 
     def __call__(self, x_SK, w_EKN, offs=None):
         out_dtype = x_SK.dtype
-        if self.backend == "scaled_mm":  # reference, forward only
-            return _grouped_scaled_mm_loop(x_SK, w_EKN, offs, out_dtype)
+        if self.backend == "scaled_mm":  # the per-group reference ("auto" emulates experts, see docstring)
+            with torch.autocast(x_SK.device.type, enabled=False):
+                return _GroupedScaledMM.apply(x_SK, w_EKN, offs, out_dtype)
         xq = _Quant.apply(x_SK, out_dtype, None)
         wq = _Quant.apply(w_EKN, out_dtype, (1, 2))
         return _GradQuant.apply(F.grouped_mm(xq, wq, offs=offs))

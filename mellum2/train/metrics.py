@@ -169,8 +169,9 @@ def summarize(records: list[dict], boundaries_steps: list[int], tail: int = 10) 
     return out
 
 
-def plot_losses(metrics_path: Path, png_path: Path, boundaries_steps: list[int]) -> None:
-    """Loss, CE and MTP CE against steps, phase boundaries as vertical lines; LR on a second axis."""
+def plot_losses(metrics_path: Path, png_path: Path, boundaries_steps: list[int], label: str = "phase") -> None:
+    """Loss, CE and MTP CE against steps, boundaries as vertical lines (all but the last entry, the end:
+    where phases 2 and 3, or epochs 2.., start, named by `label`); LR on a second axis."""
     import matplotlib  # heavy, and only for the picture at the end of a run
 
     matplotlib.use("Agg")
@@ -184,10 +185,10 @@ def plot_losses(metrics_path: Path, png_path: Path, boundaries_steps: list[int])
     for key, style in (("loss", "-"), ("ce", "--"), ("mtp", ":")):
         if key in recs[0]:
             ax.plot(steps, [r[key] for r in recs], style, label=key, linewidth=1)
-    for i, b in enumerate(boundaries_steps[:2]):  # b = finished steps when the phase starts
+    for i, b in enumerate(boundaries_steps[:-1]):  # b = finished steps when the phase starts
         b = b + 0.5
         ax.axvline(b, color="grey", linestyle="-.", linewidth=0.8)
-        ax.text(b, ax.get_ylim()[1], f" phase {i + 2}", va="top", fontsize=8, color="grey")
+        ax.text(b, ax.get_ylim()[1], f" {label} {i + 2}", va="top", fontsize=8, color="grey")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.legend(loc="upper center")

@@ -1,11 +1,14 @@
 """Process group set-up and `parallelize()`: everything that turns the single-device model into the
-trained one, applied from outside in one fixed order (torchtitan's): FP8 -> activation
-checkpointing -> fast paths -> torch.compile -> FSDP2.
+trained one, applied from outside in one fixed order (torchtitan's): FP8 -> expert parallel ->
+activation checkpointing -> fast paths -> torch.compile -> FSDP2.
 
 torch.distributed's submodules (FSDP, composable checkpointing, functional collectives, the state-dict
 API, DeviceMesh) are imported where they are used: a torch build may lack torch.distributed.
 
 - FP8 (train/fp8.py) first, so the later wrappers see the converted modules.
+- Expert parallelism (`ep=True`, train/expert_parallel.py): every expert stack sharded over all
+  ranks as a DTensor (whole experts per rank), tokens dispatched by all-to-all; FSDP2 then skips
+  those stacks (`ignored_params`) and shards the rest.
 - The fast paths of mellum2/kernels (`kernels.install`: the bf16 CPU training attention, one q/k/v
   matmul, on a CPU the experts' grouped matmul parallel over experts where its C++ extension builds).
 - Activation checkpointing per decoder layer (trunk and MTP), via torch's composable `checkpoint`,
@@ -44,6 +47,7 @@ from mellum2 import kernels
 from mellum2.model.moe import Experts
 from mellum2.model.objective import shifted_ce
 
+from .expert_parallel import apply_expert_parallel, expert_params
 from .fp8 import convert_to_fp8
 
 
@@ -91,14 +95,16 @@ def decoder_layers(model) -> list[nn.Module]:
     return layers
 
 
-def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto", ac: bool = False,
-                compile: bool = False, precision: str = "bf16") -> dict:
-    """Apply FP8, activation checkpointing, the fast paths (mellum2.kernels.install), compile and
-    (when d.world > 1) FSDP2, in that order.
+def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto", ep: bool = False,
+                ac: bool = False, compile: bool = False, precision: str = "bf16") -> dict:
+    """Apply FP8, expert parallelism (`ep`, over all d.world ranks), activation checkpointing, the fast
+    paths (mellum2.kernels.install), compile and (when d.world > 1) FSDP2, in that order.
     Build optimisers only after this (FSDP replaces the parameters). Returns what was applied."""
     applied: dict = {}
     if fp8:
         applied["fp8"] = convert_to_fp8(model, fp8_backend)
+    if ep and d.enabled:
+        applied["ep"] = {"layers": apply_expert_parallel(model), "degree": d.world}
     if ac:
         from torch.distributed._composable import checkpoint  # torch.distributed: see the module docstring
 
@@ -120,9 +126,13 @@ def parallelize(model, d: Dist, *, fp8: bool = False, fp8_backend: str = "auto",
     if d.enabled:
         from torch.distributed.fsdp import fully_shard  # torch.distributed: see the module docstring
 
+        for m in model.modules():  # unsharded weights are transient under FSDP: nothing to keep
+            if isinstance(m, Experts):
+                m.cache_gate_up = False
+        skip = expert_params(model)  # expert-parallel stacks are sharded already
         for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, ignored_params=skip or None)
+        fully_shard(model, ignored_params=skip or None)
         applied["fsdp"] = d.world
     return applied
 

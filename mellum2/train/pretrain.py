@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -28,21 +27,20 @@ import torch
 
 from mellum2 import atomic
 from mellum2.allocator import keep_freed_memory
-from mellum2.errors import DiskError, MellumError, describe_os_error, run_stage
+from mellum2.data.curriculum import PHASE_PRESETS, named_phases
+from mellum2.errors import MellumError, run_stage
 from mellum2.model import Mellum2, ModelConfig
 from mellum2.model.accounting import check_memory, flops_per_token
 from mellum2.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
-from mellum2.data.curriculum import PHASE_PRESETS, named_phases
-
 from .data import make_loader
-from .errors import TrainError, TrainingDiverged
+from .errors import TrainError
 from .long_context import ROPE_LAYERS, extended_config, load_extended, source_dir
-from .metrics import MetricsLogger, measure_peak_flops, plot_losses, read_jsonl, summarize
+from .loop import Run, write_json
+from .metrics import MetricsLogger, measure_peak_flops
 from .optim import build_optimizers
-from .parallel import (all_gather_objects, barrier, broadcast_object, full_model_state, full_optim_state,
-                       init_distributed, install_count_reducer, load_optim_state, parallelize, shutdown)
+from .parallel import all_gather_objects, broadcast_object, init_distributed, install_count_reducer, parallelize, shutdown
 from .runlock import RunLock, RunLocked
 from .sample import completions
 from .schedule import WarmupHoldDecay
@@ -89,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype; masters are fp32")
     a("--fp8", action="store_true", help="FP8 hybrid for attention projections and experts")
     a("--fp8-backend", choices=("auto", "emulate", "scaled_mm"), default="auto")
+    a("--ep", action="store_true", help="expert parallel over all processes (train/expert_parallel.py)")
     a("--ac", action="store_true", help="activation checkpointing per decoder layer")
     a("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
       help="torch.compile each decoder layer and the loss: on (also plain --compile), off, or auto "
@@ -191,24 +190,6 @@ def _phases(args):
         return named_phases(args.phases)
     except (ValueError, TypeError) as e:
         raise TrainError(str(e)) from None
-
-
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _pretrain(args) -> Path:
@@ -343,7 +324,8 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
         # a compile failure (an inductor bug, a broken toolchain) falls back to eager for that graph, with
         # dynamo's warning, instead of ending a run nobody asked to compile
         torch._dynamo.config.suppress_errors = True
-    applied = parallelize(model, d, fp8=args.fp8, fp8_backend=args.fp8_backend, ac=args.ac, compile=compile_on,
+    applied = parallelize(model, d, fp8=args.fp8, fp8_backend=args.fp8_backend, ep=args.ep, ac=args.ac,
+                          compile=compile_on,
                           precision=args.precision)
     tap = install_count_reducer(model, d)
     optims = build_optimizers(model, lr, weight_decay=args.weight_decay)
@@ -351,13 +333,9 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
                       clip=args.clip, max_bad_steps=args.max_bad_steps, tap=tap)
 
     # ---- restore the training state
+    job = Run(out, trainer, model, optims, loader, schedule, cfg, d, trajectory, keep=args.keep)
+    job.restore(found)
     if found is not None:
-        ts = ckpt.load_train_state(found)
-        ckpt.check_compatible(ts["trajectory"], trajectory, found)
-        load_optim_state(model, optims.list, ts["optim"], d)
-        loader.load_state_dict(ts["loader"][d.rank])
-        trainer.load_state_dict(ts["trainer"])
-        _set_rng_state(ts["rng"][d.rank])
         say(f"resumed from {found} at step {trainer.step} ({trainer.tokens:,} tokens)")
     if d.is_main and data_dir is not None and (data_dir / "tokenizer").is_dir() and not (out / "tokenizer").exists():
         # the run directory carries its tokenizer (inference finds it next to the checkpoints); saved
@@ -365,29 +343,8 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
         with atomic.atomic_dir(out / "tokenizer") as tmp:
             Tokenizer.load(data_dir / "tokenizer").save(tmp)
     if d.is_main:
-        _write_json(out / "args.json", {**vars(args), "trajectory": trajectory, "parallel": applied,
+        write_json(out / "args.json", {**vars(args), "trajectory": trajectory, "parallel": applied,
                                         "total_steps": total_steps, "phase_boundaries_steps": boundaries_steps})
-
-    saved = [trainer.step if found is not None else -1]
-
-    def save() -> None:
-        if saved[0] == trainer.step:
-            return
-        logger.log_steps(trainer.drain())
-        if trainer.bad_streak:  # the weights are the last applied step's, but "last good" must mean good
-            say(f"note: no checkpoint at step {trainer.step}: its last {trainer.bad_streak} step(s) were non-finite "
-                f"(last good checkpoint: {ckpt.last_good(out) or 'none'})")
-            return
-        saved[0] = trainer.step
-        model_state = full_model_state(model, d)
-        optim_state = full_optim_state(model, optims.list, d)
-        loaders, rngs = all_gather_objects(loader.state_dict(), d), all_gather_objects(_rng_state(), d)
-        if d.is_main:
-            state = {"format": ckpt.FORMAT, "trainer": trainer.state_dict(), "optim": optim_state,
-                     "loader": loaders, "rng": rngs, "trajectory": trajectory, "schedule": schedule.state_dict()}
-            ckpt.save(out, trainer.step, trainer.tokens, cfg=cfg, model_state=model_state, train_state=state,
-                      keep=args.keep)
-        barrier(d)
 
     fpt = flops_per_token(cfg, args.seq_len)["train"]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (measure_peak_flops(
@@ -398,28 +355,9 @@ def _train(args, d, say, cfg, out: Path, long_ctx: bool, src) -> Path:
     logger = MetricsLogger(out, enabled=d.is_main, total_steps=total_steps, start_step=trainer.step,
                            start_tokens=trainer.tokens, flops_per_token=fpt, peak_flops=peak,
                            tensorboard=not args.no_tensorboard, progress=not args.no_progress)
-    try:
-        while trainer.step < total_steps:
-            trainer.train_step()
-            if trainer.step % args.log_every == 0:
-                logger.log_steps(trainer.drain())
-            if args.save_every and trainer.step % args.save_every == 0 and trainer.step < total_steps:
-                save()
-        save()
-    except TrainingDiverged as e:
-        logger.log_steps(trainer.drain())
-        raise TrainingDiverged(f"{e}; last good checkpoint: {ckpt.last_good(out) or 'none'}") from None
-    except OSError as e:  # a full disk or lost permissions while logging
-        raise DiskError(f"{describe_os_error(e)}; training stopped at step {trainer.step}, last saved checkpoint: "
-                        f"{ckpt.list_checkpoints(out)[-1][1] if ckpt.list_checkpoints(out) else 'none'}") from None
-    finally:
-        logger.close()
-
+    job.loop(total_steps, logger, args.log_every, args.save_every)
+    summary = job.finish(boundaries_steps)
     if d.is_main:
-        recs = read_jsonl(out / "metrics.jsonl")
-        plot_losses(out / "metrics.jsonl", out / "loss.png", boundaries_steps)
-        summary = summarize(recs, boundaries_steps)
-        _write_json(out / "summary.json", summary)
         say(json.dumps(summary))
     if args.samples and data_dir is not None and (data_dir / "tokenizer").exists():
         tok = Tokenizer.load(data_dir / "tokenizer")

@@ -85,7 +85,12 @@ class Trainer:
             except StopIteration:
                 raise RuntimeError(f"the loader ran out of data at step {self.step} (tokens {self.tokens}); "
                                    f"it was built for fewer tokens than the run needs") from None
-            out.append({k: v.to(self.d.device, non_blocking=True) for k, v in b.items()})
+            moved = {k: v.to(self.d.device, non_blocking=True) for k, v in b.items()}
+            # whether a row packs several documents, decided on the host copy: the model would
+            # otherwise find out with a host sync in every forward (model/decoder.py packed_doc_ids)
+            pos = b.get("position_ids")
+            moved["packed"] = None if pos is None else bool((pos.diff(dim=-1) != 1).any())
+            out.append(moved)
         return out
 
     def _set_grad_sync(self, on: bool) -> None:
@@ -110,7 +115,7 @@ class Trainer:
             self._set_grad_sync(i == K - 1)
             with self.autocast():
                 out = self.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
-                                 return_logits=False)
+                                 return_logits=False, packed=b["packed"])
             L, n = out.losses, counts[i]
             obj = objective(L, weights, StepShare(n, total, W, K))
             row = [L["ce"].detach() * n["ce"], n["ce"]]
