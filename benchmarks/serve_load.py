@@ -3,6 +3,7 @@ growing-file completion workload with and without the prefix cache, all in one r
 
     .venv/bin/python benchmarks/serve_load.py                        # random weights of --config tiny
     .venv/bin/python benchmarks/serve_load.py --model runs/tiny      # a checkpoint (run or checkpoint dir)
+    .venv/bin/python benchmarks/serve_load.py --config benchmarks/configs/moe64.json   # another shape
 
 1. Mixed load: --clients (32) concurrent clients each stream --requests (3) greedy completions,
    one after the other (so the server sees 32 streams at a time until the end),
@@ -56,7 +57,8 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i
 def random_checkpoint(config: str, out: Path, context: int) -> Path:
     tok = train_bpe(TEXTS, 400)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(config, vocab_size=tok.vocab_size, max_position_embeddings=context)
+    base = ModelConfig.from_hf(config) if config.endswith(".json") else ModelConfig.from_preset(config)
+    cfg = base.replace(vocab_size=tok.vocab_size, max_position_embeddings=context)
     Mellum2(cfg).eval().save_pretrained(out)
     tok.save(out)
     return out
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default=None, help="checkpoint or run directory (default: random weights of --config)")
-    a("--config", default="tiny", help="model preset for random weights (without --model)")
+    a("--config", default="tiny", help="preset name or config.json for random weights (without --model)")
     a("--context", type=int, default=1024, help="max_position_embeddings of the random model")
     a("--clients", type=int, default=32)
     a("--requests", type=int, default=3, help="requests per client, one after the other")
