@@ -91,9 +91,10 @@ def test_expert_parallel_matches_one_process(tmp_path, world, one_thread):
     applied, recs, seen, params = torch.load(out, weights_only=False)
     assert applied["ep"] == {"layers": 4, "degree": world} and applied["fsdp"] == world
     _, ref_recs, ref_seen, ref_params = _run(0, 1, ep=False)
-    for a, b in zip(recs, ref_recs):
+    assert len(recs) == len(ref_recs) == STEPS
+    for i, (a, b) in enumerate(zip(recs, ref_recs)):  # after the first update: Muon's ~1e-3, as below
         for k in ("loss", "ce", "mtp", "lb", "z", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
+            assert a[k] == pytest.approx(b[k], rel=1e-5 if i == 0 else 1e-2, abs=1e-7), (i, k, a[k], b[k])
     assert len(seen) == len(ref_seen) == STEPS
     for i, (g, ref) in enumerate(zip(seen, ref_seen)):
         assert g.keys() == ref.keys()
