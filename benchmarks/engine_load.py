@@ -95,7 +95,7 @@ def file_ttft(model, args, cache_tokens):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="tiny", help="a preset for random weights (default tiny)")
+    p.add_argument("--config", default="tiny", help="a preset or config.json for random weights (default tiny)")
     p.add_argument("--model", default=None, help="checkpoint or run directory (instead of --config)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--slots", type=int, default=16, help="max_num_seqs of continuous and the static batch size")
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         model = load_pretrained(resolve_model_dir(args.model)).eval()
         name = args.model
     else:
-        model = Mellum2(ModelConfig.from_preset(args.config)).eval()
+        model = Mellum2(ModelConfig.from_spec(args.config)).eval()
         name = f"{args.config} (random weights)"
     out = {"model": name, "requests": args.requests, "slots": args.slots, "clock": args.clock}
 

@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device here; every GPU figure stays 'not measured'")
         print(json.dumps({"benchmark": "gpu_check", "cuda": False}))
         return 0
-    cfg = ModelConfig.from_hf(a.config) if a.config.endswith(".json") else ModelConfig.from_preset(a.config)
+    cfg = ModelConfig.from_spec(a.config)
     RES.update(benchmark="gpu_check", cuda=DEV == "cuda", torch=torch.__version__,
                device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)")
     print(f"{RES['device']}, torch {torch.__version__}, config {a.config}", flush=True)

@@ -57,8 +57,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i
 def random_checkpoint(config: str, out: Path, context: int) -> Path:
     tok = train_bpe(TEXTS, 400)
     torch.manual_seed(0)
-    base = ModelConfig.from_hf(config) if config.endswith(".json") else ModelConfig.from_preset(config)
-    cfg = base.replace(vocab_size=tok.vocab_size, max_position_embeddings=context)
+    cfg = ModelConfig.from_spec(config).replace(vocab_size=tok.vocab_size, max_position_embeddings=context)
     Mellum2(cfg).eval().save_pretrained(out)
     tok.save(out)
     return out

@@ -63,8 +63,7 @@ class _Repeat:
 
 def load_config(spec: str, mtp: bool) -> ModelConfig:
     """A preset name or a config.json path; MTP on or off."""
-    base = ModelConfig.from_hf(spec) if spec.endswith(".json") or Path(spec).is_dir() else ModelConfig.from_preset(spec)
-    return base.replace(num_nextn_predict_layers=int(mtp))
+    return ModelConfig.from_spec(spec).replace(num_nextn_predict_layers=int(mtp))
 
 
 CONFIG = "tiny"  # set by --config (and passed on to the memory subprocesses)

@@ -95,6 +95,18 @@ def test_unknown_preset():
     assert {"mellum2-12b", "mellum2-12b-8k", "tiny"} <= set(PRESETS)
 
 
+def test_from_spec_takes_a_preset_a_config_json_or_a_checkpoint_dir(tmp_path):
+    wide = ModelConfig.from_preset("tiny").replace(hidden_size=512, head_dim=128)
+    wide.save(tmp_path / "config.json")
+    assert ModelConfig.from_spec("tiny") == ModelConfig.from_preset("tiny")
+    assert ModelConfig.from_spec(str(tmp_path / "config.json")).to_hf_dict() == wide.to_hf_dict()
+    assert ModelConfig.from_spec(tmp_path).to_hf_dict() == wide.to_hf_dict()
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        ModelConfig.from_spec("nope")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        ModelConfig.from_spec(str(tmp_path / "missing.json"))
+
+
 def test_extend_context_reproduces_the_released_128k_config():
     ext = ModelConfig.from_preset("mellum2-12b-8k").extend_context(16)
     assert ext.to_hf_dict() == ModelConfig.from_preset("mellum2-12b").to_hf_dict()

@@ -288,6 +288,14 @@ class ModelConfig:
         cfg = PRESETS[name]()
         return cfg.replace(**overrides) if overrides else cfg
 
+    @classmethod
+    def from_spec(cls, spec: str | Path) -> "ModelConfig":
+        """What a `--config` flag names: a preset, a config.json path or a checkpoint directory."""
+        spec = str(spec)
+        if spec.endswith(".json") or Path(spec).is_dir():
+            return cls.from_hf(spec)
+        return cls.from_preset(spec)
+
 
 def yarn_rope(theta: float, factor: float, original: int) -> dict[str, Any]:
     """The full-attention rope entry of a YaRN-extended checkpoint, in the released form."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -222,12 +221,6 @@ def _muon_flops(cfg: ModelConfig, lay: Layout) -> float:
     return total
 
 
-def load_config(spec: str) -> ModelConfig:
-    if spec.endswith(".json") or Path(spec).is_dir():
-        return ModelConfig.from_hf(spec)
-    return ModelConfig.from_preset(spec)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mellum2 plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -257,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.peak_tflops or a.mem_gib or a.link_gbs:
         gpu = GPU(a.peak_tflops or gpu.bf16_tflops, 2 * (a.peak_tflops or gpu.bf16_tflops) if a.peak_tflops else
                   gpu.fp8_tflops, a.mem_gib or gpu.mem_gib, a.link_gbs or gpu.intra_gbs, a.link_gbs or gpu.inter_gbs)
-    cfg = load_config(a.config)
+    cfg = ModelConfig.from_spec(a.config)
     if a.no_mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     lay = Layout(gpus=a.gpus, ep=a.ep, fsdp=not a.no_fsdp, ac=a.ac, fp8=a.fp8, micro_batch=a.micro_batch,
