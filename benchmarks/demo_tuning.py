@@ -1,7 +1,8 @@
 """Tuning runs for the demo's pre-training: each candidate trains `tiny` from the same seed, then
-its held-out bits per byte are measured (benchmarks/heldout_bpb.py) next to `xz -9e`.
+its held-out bits per byte are measured (`mellum2 eval bpb`, the speedrun's judge) next to `xz -9e`.
 
-    python benchmarks/demo_tuning.py --steps 80 --batch-size 4 --only report,code   # short comparison runs
+    python benchmarks/demo_tuning.py --steps 120 --batch-size 8 --only code,code-lr6e-3   # short comparison runs
+    python benchmarks/demo_tuning.py --steps 880 --batch-size 8 --only demo               # the demo's length
     python benchmarks/demo_tuning.py --list                                          # the candidates
 
 A candidate is a list of extra `mellum2 train` flags (CANDIDATES below). Runs go to
@@ -24,24 +25,28 @@ from pathlib import Path
 
 from mellum2.data.curriculum import PHASE_PRESETS
 
-CODE_MIX = json.dumps([
-    {"budget": 0.58, "mixture": {"web": 30, "code": 60, "math": 10}, "fim_rate": 0.5},
-    {"budget": 0.26, "mixture": {"web": 20, "code": 70, "math": 10}, "fim_rate": 0.1},
-    {"budget": 0.16, "mixture": {"web": 10, "code": 85, "math": 5}, "fim_rate": 0.5, "fim_code_only": True}])
-CODE_MIX_LONG_DECAY = json.dumps([
-    {"budget": 0.45, "mixture": {"web": 30, "code": 60, "math": 10}, "fim_rate": 0.5},
-    {"budget": 0.20, "mixture": {"web": 20, "code": 70, "math": 10}, "fim_rate": 0.1},
-    {"budget": 0.35, "mixture": {"web": 10, "code": 85, "math": 5}, "fim_rate": 0.5, "fim_code_only": True}])
+def phases(budgets=(0.58, 0.26, 0.16), mixture=((30, 60, 10), (20, 70, 10), (10, 85, 5)), fim=(0.5, 0.1, 0.5)) -> str:
+    """A `--phases` JSON list: budgets, web/code/math mixtures and FIM rates per phase (phase 3: code only)."""
+    return json.dumps([{"budget": b, "mixture": dict(zip(("web", "code", "math"), m)), "fim_rate": f,
+                        **({"fim_code_only": True} if k == 2 else {})}
+                       for k, (b, m, f) in enumerate(zip(budgets, mixture, fim))])
 
+
+CODE90 = ((5, 90, 5),) * 3
 CANDIDATES: dict[str, list[str]] = {
-    "report": [],  # the report's curriculum and the preset's lr (3e-3): today's demo recipe
-    "code": ["--phases", CODE_MIX],  # = --phases demo (mellum2/data/curriculum.py), what the demo now runs
-    "code-lr6e-3": ["--phases", CODE_MIX, "--lr", "6e-3"],
-    "code-lr1.5e-3": ["--phases", CODE_MIX, "--lr", "1.5e-3"],
-    "code-decay35": ["--phases", CODE_MIX_LONG_DECAY],
-    "code-mtp0.3": ["--phases", CODE_MIX, "--mtp-loss-weight", "0.3"],
+    "report": [],  # the report's curriculum, the preset's lr (3e-3)
+    "code": ["--phases", phases()],  # the earlier demo curriculum: 30/60/10 -> 20/70/10 -> 10/85/5
+    "code-lr6e-3": ["--phases", phases(), "--lr", "6e-3"],
+    "code-fim0.2": ["--phases", phases(fim=(0.2, 0.1, 0.2))],
+    "code-decay35": ["--phases", phases(budgets=(0.45, 0.20, 0.35))],
+    "code90": ["--phases", phases(mixture=CODE90)],
+    "code90-decay35-fim0.2": ["--phases", phases((0.45, 0.20, 0.35), CODE90, (0.2, 0.1, 0.2))],
+    "code90-decay35-fim0.2-lr2e-3": ["--phases", phases((0.45, 0.20, 0.35), CODE90, (0.2, 0.1, 0.2)), "--lr", "2e-3"],
+    "demo": ["--phases", "demo"],  # = code90 with budgets 45/20/35 (mellum2/data/curriculum.py): what the demo runs
 }
-assert [json.loads(CODE_MIX)[k]["mixture"] for k in range(3)] == [p.mixture for p in PHASE_PRESETS["demo"]]
+assert json.loads(phases((0.45, 0.20, 0.35), CODE90)) == [
+    {"budget": p.budget, "mixture": p.mixture, "fim_rate": p.fim_rate, **({"fim_code_only": True} if p.fim_code_only else {})}
+    for p in PHASE_PRESETS["demo"]]
 
 
 def cpu_children() -> float:
@@ -57,7 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--files", type=int, default=12, help="held-out files scored (benchmarks/heldout_bpb.py)")
+    ap.add_argument("--files", type=int, default=40, help="held-out files scored (`mellum2 eval bpb --n`)")
+    ap.add_argument("--compile", choices=("on", "off"), default="on", help="`mellum2 train --compile`")
+    ap.add_argument("--data", default=None, help="a prepared data directory (default: the embedded corpus)")
     ap.add_argument("--out", default="runs/tuning")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per training run")
     ap.add_argument("--list", action="store_true")
@@ -78,7 +85,8 @@ def main(argv=None) -> int:
         run = out / f"{name}-s{a.steps}-b{a.batch_size}"
         base = ["--preset", "tiny", "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
                 "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--log-every", "10", "--samples", "0",
-                "--no-progress", "--no-tensorboard", "--compile", "off", "--out", str(run)]
+                "--no-progress", "--no-tensorboard", "--compile", a.compile, "--out", str(run),
+                *(["--data", a.data] if a.data else [])]
         t0, c0 = time.time(), cpu_children()
         done = (run / "checkpoints" / f"step_{a.steps:08d}").is_dir()
         if not done:
@@ -88,12 +96,13 @@ def main(argv=None) -> int:
                 print(f"{name}: training failed ({r.returncode}): {r.stderr.strip()[-400:]}", flush=True)
                 continue
         wall, cpu = time.time() - t0, cpu_children() - c0
-        r = subprocess.run([py, str(Path(__file__).with_name("heldout_bpb.py")), "--model", str(run),
-                            "--files", str(a.files), "--quiet"], env=env, capture_output=True, text=True)
+        r = subprocess.run([py, "-m", "mellum2.cli", "eval", "bpb", "--model", str(run), "--n", str(a.files),
+                            "--json", str(run / "bpb.json"), "--quiet"], env=env, capture_output=True, text=True)
         if r.returncode:
             print(f"{name}: bpb failed: {r.stderr.strip()[-400:]}", flush=True)
             continue
-        m = json.loads(r.stdout.strip().splitlines()[-1])
+        s = json.loads((run / "bpb.json").read_text())["summary"]
+        m = {"bpb": s["model_bpb"], "xz_bpb": s["xz_bpb"], "files": s["files"]}
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         last = recs[-5:]
         res = {"name": name, "flags": cands[name], "steps": a.steps, "batch_size": a.batch_size,

@@ -108,11 +108,12 @@ def test_pieces_are_exact_document_slices_and_all_tokens_are_used(data_dir, monk
     def spy(item):
         toks = orig(item)
         d, doc, start, length, first, last, mode, i, j = item
-        body = toks[first:len(toks) - last]
+        end = int(last or mode > 0)  # a FIM piece always ends with <|endoftext|>
+        body = toks[first:len(toks) - end]
         if mode:
             body = undo_fim(body, FIM)
         assert np.array_equal(body, store.doc(d, doc, start, length))
-        assert (toks[0] == 0) == bool(first) and (toks[-1] == 0) == bool(last)
+        assert (toks[0] == 0) == bool(first) and (toks[-1] == 0) == bool(end)
         seen.setdefault((d, doc), []).append((start, length))
         made.append(toks)
         return toks
@@ -293,3 +294,21 @@ def test_loader_is_fast(data_dir):
     batches(loader, n)
     per_s = n / (time.perf_counter() - t)
     assert per_s > 20, per_s  # a tiny training step of 8 x 512 takes ~0.5-1 s: 20/s is >10x headroom
+
+
+def test_every_fim_piece_ends_its_middle_with_endoftext(data_dir):
+    """Also FIM pieces cut from the inside of a long document end with <|endoftext|> right after the
+    middle: what an inference FIM prompt needs the model to produce when the middle is done."""
+    loader = Loader(data_dir, 4, 128, total_tokens=40 * 4 * 128,
+                    phases=[{"budget": 1, "mixture": {"web": 1, "code": 1, "math": 1}, "fim_rate": 1.0}])
+    inner = 0
+    for batch in loader:
+        ids = batch["input_ids"].numpy()
+        for r, a, b in pieces(batch):
+            piece = ids[r, a:b]
+            piece = piece[piece != SPECIAL["fim_pad"]]
+            if len(piece) == 0 or FIM.middle not in piece:
+                continue
+            assert piece[-1] == SPECIAL["eot"], piece[-8:]
+            inner += piece[0] != SPECIAL["eot"]  # no bos: a piece from inside a document
+    assert inner > 0

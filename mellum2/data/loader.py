@@ -15,7 +15,10 @@ What happens per document, all at load time (so the trainer may change `seq_len`
   2. the document is cut into pieces of at most seq_len - 5 tokens; a piece gets `<|endoftext|>` (the
      bos, id 0) in front if it starts the document and `<|endoftext|>` after it if it ends it;
   3. with the phase's FIM rate (phase 3: code only) the piece is FIM-transformed, PSM or SPM 50/50,
-     cut at two uniform token positions (fim.py; 3 sentinel tokens, hence the 5 above);
+     cut at two uniform token positions (fim.py; 3 sentinel tokens, hence the 5 above). A FIM piece
+     always ends with `<|endoftext|>`, also when the document goes on: the token after the middle
+     is what teaches the model to stop filling (Bavarian et al. end every FIM example so), and an
+     inference prompt ends its middle there;
   4. pieces wait in a best-fit buffer (packing.py) that fills each row.
 
 `tokens_seen` counts B x T x world_size per batch (all ranks, padding included) and decides the phase;
@@ -38,7 +41,7 @@ from .packing import BestFitBuffer
 from .shards import ShardStore
 from .sources import DOMAINS
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a FIM piece always ends with <|endoftext|>
 
 
 class Loader:
@@ -159,7 +162,7 @@ class Loader:
         if phase.fim_rate > 0 and (d == "code" or not phase.fim_code_only) and self.rng.random() < phase.fim_rate:
             mode = PSM if self.rng.random() < 0.5 else SPM
             i, j = draw_cuts(length, self.rng)
-        n = length + first + last + (OVERHEAD if mode else 0)
+        n = length + first + int(last or mode > 0) + (OVERHEAD if mode else 0)
         self.buffer.push(n, (d, int(doc), start, length, first, last, mode, i, j))
         self._mixer.add(d, n)
         self._cursor[d] = None if last else [doc, start + length]
@@ -169,8 +172,9 @@ class Loader:
         toks = self.store.doc(d, doc, start, length)
         if mode:
             toks = apply_fim(toks, i, j, mode, self.fim_ids)
-        if first or last:
-            toks = np.concatenate([[self.bos_id] * first, toks, [self.eot_id] * last]).astype(np.int64)
+        end = int(last or mode > 0)  # a FIM piece always ends its middle with <|endoftext|>
+        if first or end:
+            toks = np.concatenate([[self.bos_id] * first, toks, [self.eot_id] * end]).astype(np.int64)
         return toks
 
     # ------------------------------------------------------------------ state

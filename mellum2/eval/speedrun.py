@@ -35,7 +35,8 @@ from mellum2.errors import UsageError
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, <= 30 minutes
-    "default": {"vocab": 8192, "pretrain": [], "long_steps": 20, "long_len": 2048, "sft_steps": 40, "rl_steps": 4,
+    "default": {"vocab": 8192, "pretrain": [], "long_steps": 20, "long_len": 2048, "sft_steps": 80, "rl_steps": 4,
+                "sft": ["--seq-len", "1024", "--batch-size", "4", "--lr", "1e-3"],
                 "bpb_files": 40, "he_limit": 164, "he_tokens": 128, "infill_limit": 100, "completion_files": 20,
                 "mtp_files": 8, "passkey_lengths": "512,1024,2048", "chat_n": 60, "rl_n": 60},
     # a minutes-long check of the whole pipeline
@@ -96,11 +97,13 @@ def stages(preset: str = "default", device: str | None = None, data: str | None 
               kind="train", needs=("pretrain",), resume=["--resume"], resume_when="long/checkpoints",
               result="long/summary.json"),
         Stage("sft-instruct", ["sft", "--from", "long", "--mode", "instruct", "--out", "sft-instruct",
-                               "--max-steps", str(P["sft_steps"]), "--no-progress", "--no-tensorboard", *dev],
+                               "--max-steps", str(P["sft_steps"]), *P.get("sft", []),
+                               "--no-progress", "--no-tensorboard", *dev],
               kind="train", needs=("long",), resume=["--resume"], resume_when="sft-instruct/checkpoints",
               result="sft-instruct/summary.json"),
         Stage("sft-thinking", ["sft", "--from", "long", "--mode", "thinking", "--out", "sft-thinking",
-                               "--max-steps", str(P["sft_steps"]), "--no-progress", "--no-tensorboard", *dev],
+                               "--max-steps", str(P["sft_steps"]), *P.get("sft", []),
+                               "--no-progress", "--no-tensorboard", *dev],
               kind="train", needs=("long",), resume=["--resume"], resume_when="sft-thinking/checkpoints",
               result="sft-thinking/summary.json"),
         Stage("rl", ["rl", "--from", "sft-instruct", "--out", "rl", "--steps", str(P["rl_steps"]),

@@ -54,10 +54,10 @@ DEFAULT_LR = {"mellum2-12b": 3e-4, "mellum2-12b-8k": 3e-4, "tiny": 3e-3, "test-s
 # keeps one), before activations: what `check_memory` compares with the memory available
 TRAIN_BYTES_PER_PARAM = 16
 
-# what the demo runs: ~1M tokens of `tiny` (packed rows, MTP on; README.md says how long it takes), on
-# the code-heavy curriculum, which scores better on held-out Python (docs/train.md "The demo's recipe")
-DEMO_ARGS = ["--preset", "tiny", "--max-steps", "240", "--batch-size", "8", "--seq-len", "512",
-             "--save-every", "80", "--log-every", "5", "--phases", "demo"]
+# what the demo runs: ~3.6M tokens of `tiny` (packed rows, MTP on, compiled by --compile auto; README.md
+# says how long it takes), on the code-heavy curriculum (docs/train.md "The demo's recipe")
+DEMO_ARGS = ["--preset", "tiny", "--max-steps", "880", "--batch-size", "8", "--seq-len", "512",
+             "--save-every", "220", "--log-every", "10", "--phases", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
