@@ -44,6 +44,12 @@ from .sources import DOMAINS
 STATE_VERSION = 2  # 2: a FIM piece always ends with <|endoftext|>
 
 
+def _closes(last: int, mode: int) -> int:
+    """1 when a piece ends with `<|endoftext|>`: it ends its document, or it is a FIM piece (whose
+    middle always ends there, see the module docstring), else 0."""
+    return int(bool(last) or mode > 0)
+
+
 class Loader:
     def __init__(self, data_dir: str | Path, batch_size: int, seq_len: int, total_tokens: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, phases=None, fim_rates=None,
@@ -162,7 +168,7 @@ class Loader:
         if phase.fim_rate > 0 and (d == "code" or not phase.fim_code_only) and self.rng.random() < phase.fim_rate:
             mode = PSM if self.rng.random() < 0.5 else SPM
             i, j = draw_cuts(length, self.rng)
-        n = length + first + int(last or mode > 0) + (OVERHEAD if mode else 0)
+        n = length + first + _closes(last, mode) + (OVERHEAD if mode else 0)
         self.buffer.push(n, (d, int(doc), start, length, first, last, mode, i, j))
         self._mixer.add(d, n)
         self._cursor[d] = None if last else [doc, start + length]
@@ -172,7 +178,7 @@ class Loader:
         toks = self.store.doc(d, doc, start, length)
         if mode:
             toks = apply_fim(toks, i, j, mode, self.fim_ids)
-        end = int(last or mode > 0)  # a FIM piece always ends its middle with <|endoftext|>
+        end = _closes(last, mode)
         if first or end:
             toks = np.concatenate([[self.bos_id] * first, toks, [self.eot_id] * end]).astype(np.int64)
         return toks
