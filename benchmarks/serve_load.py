@@ -218,6 +218,9 @@ def main(argv=None) -> int:
     a("--file-output", type=int, default=8, help="completion tokens per growing-file request")
     a("--speculative", action="store_true", help="serve with MTP speculation")
     a("--threads", type=int, default=1, help="torch threads of the server")
+    a("--dtype", default="fp32", choices=("bf16", "fp32"),
+      help="the servers' --dtype (fp32: the server's default; in bf16 batched and lone matmuls round differently, "
+           "so greedy near-ties of random weights flip)")
     a("--skip", default="", help="comma-separated parts to skip: static, serial, file")
     a("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -234,7 +237,8 @@ def main(argv=None) -> int:
             tok = Tokenizer.load(mdir)
             vocab, context = tok.vocab_size, args.context
         plan = workload(args, vocab, tok.bos_id)
-        base = ["--max-waiting", str(args.clients * args.requests)] + (["--speculative"] if args.speculative else [])
+        base = (["--max-waiting", str(args.clients * args.requests), "--dtype", args.dtype]
+                + (["--speculative"] if args.speculative else []))
         n = str(args.clients)
         ways = {"continuous": ["--max-num-seqs", n], "static": ["--max-num-seqs", n, "--batching", "static"],
                 "serial": ["--max-num-seqs", "1"]}
@@ -254,7 +258,8 @@ def main(argv=None) -> int:
                   (f"  first error: {r['first_error']}" if r["first_error"] else ""), flush=True)
         ref = res.get("serial")
         summary = {"model": str(args.model or f"random {args.config}"), "clients": args.clients,
-                   "requests": args.clients * args.requests, "speculative": args.speculative, "threads": args.threads}
+                   "requests": args.clients * args.requests, "speculative": args.speculative, "threads": args.threads,
+                   "dtype": args.dtype}
         for name, r in res.items():
             summary[name] = {k: v for k, v in r.items() if k not in ("texts",)}
             if ref is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mellum2.data.curriculum import DEFAULT_PHASES, DomainStream, phase_boundaries, plan, resolve_phases
-from mellum2.data.fim import FimIds, undo_fim
+from mellum2.data.fim import SPM, FimIds, undo_fim
 from mellum2.data.loader import Loader
 from mellum2.data.shards import ShardStore, ShardWriter, token_dtype, write_index
 from mellum2.tokenizer import special_ids
@@ -312,3 +312,28 @@ def test_every_fim_piece_ends_its_middle_with_endoftext(data_dir):
             assert piece[-1] == SPECIAL["eot"], piece[-8:]
             inner += piece[0] != SPECIAL["eot"]  # no bos: a piece from inside a document
     assert inner > 0
+
+
+@pytest.mark.parametrize("spm_rate", [0.0, 0.5, 1.0])
+def test_spm_rate_sets_the_share_of_fim_pieces_in_spm_order(data_dir, spm_rate, monkeypatch):
+    """The mode of every FIM piece the loader materialises (recorded at apply_fim: a piece with an empty
+    prefix reads the same in both orders, so the output alone cannot tell them apart)."""
+    import mellum2.data.loader as loader_mod
+    modes, real = [], loader_mod.apply_fim
+    monkeypatch.setattr(loader_mod, "apply_fim", lambda t, i, j, mode, f: (modes.append(mode), real(t, i, j, mode, f))[1])
+    loader = Loader(data_dir, 4, 128, total_tokens=60 * 4 * 128,
+                    phases=[{"budget": 1, "mixture": {"web": 1, "code": 1, "math": 1}, "fim_rate": 1.0,
+                             "spm_rate": spm_rate}])
+    for _ in loader:
+        pass
+    assert len(modes) > 100
+    share = sum(m == SPM for m in modes) / len(modes)
+    if spm_rate in (0.0, 1.0):
+        assert share == spm_rate
+    else:
+        assert 0.35 < share < 0.65, share
+
+
+def test_spm_rate_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="spm_rate"):
+        resolve_phases([{"budget": 1, "mixture": {"code": 1}, "fim_rate": 0.5, "spm_rate": 1.5}])

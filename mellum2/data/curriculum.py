@@ -38,6 +38,7 @@ class Phase:
     mixture: dict[str, float] = field(default_factory=dict)  # domain -> weight (normalised on use)
     fim_rate: float = 0.0
     fim_code_only: bool = False
+    spm_rate: float = 0.5  # share of the FIM pieces in SPM order (the rest PSM); the report's 50/50
 
     def weights(self, present: list[str] | tuple[str, ...]) -> dict[str, float]:
         """Mixture normalised over the `present` domains with a positive weight."""
@@ -56,11 +57,13 @@ DEFAULT_PHASES: tuple[Phase, ...] = (
 # named curricula for `mellum2 train --phases NAME`: the report's, and the demo's (what wins on held-out
 # Python for `tiny` on the embedded corpus at a few million tokens; docs/train.md "The demo's recipe").
 # The demo's: web/code/math 5/90/5 in every phase (the held-out text is code) and a longer last phase
-# (budgets 45/20/35 instead of 58/26/16: the learning rate decays over it); the report's FIM rates.
+# (budgets 45/20/35 instead of 58/26/16: the learning rate decays over it); the report's FIM rates, all
+# PSM (the order inference prompts use: a model this small does not learn both orders apart, and after
+# `<fim_middle>` wrote the SPM stream's document start, a docstring, into PSM middles).
 DEMO_PHASES: tuple[Phase, ...] = (
-    Phase("phase1", 0.45, {"web": 5, "code": 90, "math": 5}, fim_rate=0.5),
-    Phase("phase2", 0.20, {"web": 5, "code": 90, "math": 5}, fim_rate=0.1),
-    Phase("phase3", 0.35, {"web": 5, "code": 90, "math": 5}, fim_rate=0.5, fim_code_only=True),
+    Phase("phase1", 0.45, {"web": 5, "code": 90, "math": 5}, fim_rate=0.5, spm_rate=0.0),
+    Phase("phase2", 0.20, {"web": 5, "code": 90, "math": 5}, fim_rate=0.1, spm_rate=0.0),
+    Phase("phase3", 0.35, {"web": 5, "code": 90, "math": 5}, fim_rate=0.5, fim_code_only=True, spm_rate=0.0),
 )
 PHASE_PRESETS: dict[str, tuple[Phase, ...]] = {"report": DEFAULT_PHASES, "demo": DEMO_PHASES}
 
@@ -87,7 +90,7 @@ def resolve_phases(phases=None, fim_rates=None) -> tuple[Phase, ...]:
     out = []
     for k, p in enumerate(DEFAULT_PHASES if phases is None else phases):
         if isinstance(p, dict):
-            unknown = set(p) - {"name", "budget", "mixture", "fim_rate", "fim_code_only"}
+            unknown = set(p) - {"name", "budget", "mixture", "fim_rate", "fim_code_only", "spm_rate"}
             if unknown:
                 raise ValueError(f"phases[{k}]: unknown field(s) {sorted(unknown)}")
             p = Phase(**{"name": f"phase{k + 1}", **p})
@@ -106,12 +109,15 @@ def resolve_phases(phases=None, fim_rates=None) -> tuple[Phase, ...]:
     if fim_rates is not None:
         if len(fim_rates) != len(out):
             raise ValueError(f"fim_rates: need one rate per phase ({len(out)}), got {len(fim_rates)}")
-        out = [Phase(p.name, p.budget, p.mixture, float(r), p.fim_code_only) for p, r in zip(out, fim_rates)]
+        out = [Phase(p.name, p.budget, p.mixture, float(r), p.fim_code_only, p.spm_rate) for p, r in zip(out, fim_rates)]
     for k, p in enumerate(out):
-        if not 0.0 <= p.fim_rate <= 1.0:
-            raise ValueError(f"phases[{k}].fim_rate: must be in [0, 1], got {p.fim_rate}")
+        for name in ("fim_rate", "spm_rate"):
+            v = getattr(p, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise ValueError(f"phases[{k}].{name}: must be in [0, 1], got {v!r}")
     total = sum(p.budget for p in out)
-    return tuple(Phase(p.name, p.budget / total, dict(p.mixture), p.fim_rate, p.fim_code_only) for p in out)
+    return tuple(Phase(p.name, p.budget / total, dict(p.mixture), p.fim_rate, p.fim_code_only, float(p.spm_rate))
+                 for p in out)
 
 
 def phase_boundaries(total_tokens: int, phases=DEFAULT_PHASES) -> list[int]:

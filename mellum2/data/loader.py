@@ -14,7 +14,8 @@ What happens per document, all at load time (so the trainer may change `seq_len`
   1. the phase's `DeficitMixer` picks a domain, that domain's `DomainStream` a document (curriculum.py);
   2. the document is cut into pieces of at most seq_len - 5 tokens; a piece gets `<|endoftext|>` (the
      bos, id 0) in front if it starts the document and `<|endoftext|>` after it if it ends it;
-  3. with the phase's FIM rate (phase 3: code only) the piece is FIM-transformed, PSM or SPM 50/50,
+  3. with the phase's FIM rate (phase 3: code only) the piece is FIM-transformed, SPM with the phase's
+     `spm_rate` (the report's 50/50 by default) and PSM otherwise,
      cut at two uniform token positions (fim.py; 3 sentinel tokens, hence the 5 above). A FIM piece
      always ends with `<|endoftext|>`, also when the document goes on: the token after the middle
      is what teaches the model to stop filling (Bavarian et al. end every FIM example so), and an
@@ -166,7 +167,7 @@ class Loader:
         first, last = int(start == 0), int(start + length == n_doc)
         mode, i, j = 0, 0, 0
         if phase.fim_rate > 0 and (d == "code" or not phase.fim_code_only) and self.rng.random() < phase.fim_rate:
-            mode = PSM if self.rng.random() < 0.5 else SPM
+            mode = PSM if self.rng.random() < 1.0 - phase.spm_rate else SPM
             i, j = draw_cuts(length, self.rng)
         n = length + first + _closes(last, mode) + (OVERHEAD if mode else 0)
         self.buffer.push(n, (d, int(doc), start, length, first, last, mode, i, j))

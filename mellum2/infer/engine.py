@@ -123,6 +123,7 @@ class Engine:
         self.totals = dict(prompt_tokens=0, cached_tokens=0, new_tokens=0, steps=0, prefill_steps=0,
                            drafted=0, accepted=0, requests=0, errors=0)
         self._rate: deque = deque()  # (time, tokens) of recent steps, for tokens/s
+        self._rate_sum = 0  # the tokens in _rate
         self.speculative, self.k, self.notice = False, draft_tokens, None
         self._set_mode(speculative, draft_tokens)
 
@@ -306,9 +307,9 @@ class Engine:
         """running, waiting, KV pool use, tokens/s over the last seconds, prefix cache and speculation."""
         now = time.perf_counter()
         while self._rate and self._rate[0][0] < now - 10:
-            self._rate.popleft()
+            self._rate_sum -= self._rate.popleft()[1]
         span = now - self._rate[0][0] if len(self._rate) > 1 else 0.0
-        toks = sum(n for _, n in list(self._rate)[1:])
+        toks = self._rate_sum - self._rate[0][1] if self._rate else 0  # the tokens after the first step's time
         rows = list(self._rows)
         pool = self.pool
         used = sum(r.n + 1 if r.state == DECODE else r.done_prompt for r in rows)
@@ -388,9 +389,11 @@ class Engine:
 
     def _publish(self, deltas) -> None:
         now = time.perf_counter()
-        self._rate.append((now, sum(len(d.token_ids) for d in deltas)))
+        n = sum(len(d.token_ids) for d in deltas)
+        self._rate.append((now, n))
+        self._rate_sum += n
         if len(self._rate) > 4096:
-            self._rate.popleft()
+            self._rate_sum -= self._rate.popleft()[1]
         ended = []
         for d in deltas:
             r = self._reqs.get(d.request_id)

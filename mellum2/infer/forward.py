@@ -38,7 +38,7 @@ from mellum2.model.transformer import Mellum2
 from .kvcache import KVCache
 
 
-MOE_IMPLS = ("auto", "host", "gather", "grouped")
+MOE_IMPLS = ("auto", "host", "gather", "grouped", "dense")
 
 
 def _one_row_gemms(on: bool):
@@ -117,6 +117,7 @@ class _Layer:
             self.w_routerT = m.gate.weight.detach().float().t()  # router in fp32 (precision policy)
             self.gate, self.up, self.down = m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj
             self.experts = m.experts
+            self._down_cat = None  # moe_dense's [E*I, D] copy of down, made on first use
             self.gT = [w.detach().t() for w in self.gate.unbind(0)]
             self.uT = [w.detach().t() for w in self.up.unbind(0)]
             self.dT = [w.detach().t() for w in self.down.unbind(0)]
@@ -209,12 +210,21 @@ class Fast:
             # measured on a trained tiny, batch-B decode steps (trunk + head, 1 thread, ms per step):
             # host vs grouped fp32 B=4 7.2/8.4, B=8 11.5/11.1, B=16 17.1/15.7; bf16 (one-row experts
             # without oneDNN) 8.1/11.8, 12.7/15.0, 17.1/17.5
-            few = 8
-            impl = ("host" if x_ND.device.type == "cpu" else "gather") if N <= few else "grouped"
+            # dense (every expert on every token, moe_dense) for more rows in bf16 on a CPU, per MoE layer
+            # (tiny, 1 thread, us): dense vs grouped N=16 537/1188, N=32 792/1378, N=64 1347/1559,
+            # N=128 2439/1805; in fp32 dense loses (N=32 1541/1246: MKL's small fp32 GEMMs are cheap)
+            few, dense_max = 8, 64
+            cpu = x_ND.device.type == "cpu"
+            if N <= few:
+                impl = "host" if cpu else "gather"
+            else:
+                impl = "dense" if cpu and x_ND.dtype == torch.bfloat16 and N <= dense_max else "grouped"
         if impl == "host":
             return moe_host(L, h_ND, ids_NK, w_NK, x_ND)
         if impl == "gather":
             return x_ND + moe_gather(L, h_ND, ids_NK, w_NK)
+        if impl == "dense":
+            return moe_dense(L, h_ND, ids_NK, w_NK, x_ND)
         return x_ND + L.experts(h_ND, ids_NK, w_NK)
 
     # ------------------------------------------------------------------ the three calls
@@ -311,6 +321,25 @@ def moe_gather(L: _Layer, h_ND, ids_NK, w_NK):
     a_NKI = (F.silu(g_N1J) * u_N1J).view(N, K, I) * w_NK.to(h_ND.dtype)[:, :, None]
     down_NDJ = L.down.index_select(0, ids_S).view(N, K, D, I).transpose(1, 2).reshape(N, D, K * I)
     return torch.bmm(a_NKI.view(N, 1, K * I), down_NDJ.transpose(1, 2))[:, 0]
+
+
+def moe_dense(L: _Layer, h_ND, ids_NK, w_NK, res_ND):
+    """res + SwiGLU experts for a small batch: every expert on every token, as three plain matmuls
+    (gate and up over all E*I expert rows at once, down over the concatenated E*I inner dimension),
+    with each token's routing weights scattered into [N, E] (zero where it did not choose the expert)
+    scaling the activations before the down matmul, so the unchosen experts add exactly nothing.
+    E/K times the arithmetic of the chosen experts alone, but no sort, no per-expert calls and full-width
+    GEMMs: for a batch of decode rows that is faster than routing them (measured in `Fast._mlp`).
+    Costs one copy of the down weights as [E*I, D] (gate and up are used as views)."""
+    N = h_ND.shape[0]
+    E, I, D = L.gate.shape
+    if L._down_cat is None or L._down_cat.dtype != h_ND.dtype:
+        L._down_cat = L.down.detach().to(h_ND.dtype).transpose(1, 2).reshape(E * I, D).contiguous()
+    g_NJ = torch.mm(h_ND, L.gate.detach().view(E * I, D).t())  # J = E*I
+    u_NJ = torch.mm(h_ND, L.up.detach().view(E * I, D).t())
+    w_NE = torch.zeros(N, E, dtype=h_ND.dtype, device=h_ND.device).scatter_(1, ids_NK, w_NK.to(h_ND.dtype))
+    a_NEI = (F.silu(g_NJ) * u_NJ).view(N, E, I) * w_NE[:, :, None]
+    return torch.addmm(res_ND, a_NEI.view(N, E * I), L._down_cat)
 
 
 def _moe_gather_traced(L: _Layer, h_ND, ids_NK, w_NK):

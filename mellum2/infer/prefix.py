@@ -44,12 +44,14 @@ class PrefixCache:
         self.block, self.max_blocks = block, max_blocks
         self.blocks: OrderedDict = OrderedDict()  # chained hash -> Block, least recently used first
         self.queries = self.hit_tokens = self.query_tokens = 0
+        self._nbytes = 0  # k/v bytes of the cached blocks, kept as they come and go
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def clear(self) -> None:
         self.blocks.clear()
+        self._nbytes = 0
 
     def _names(self, prompt: list[int], n: int):
         h, out = None, []
@@ -90,9 +92,10 @@ class PrefixCache:
             if h in self.blocks:
                 self.blocks.move_to_end(h)
             elif j >= first:  # (a block of the hit evicted since the lookup: its k/v is not at hand)
-                self.blocks[h] = Block(toks, names[j - 1][0] if j else None, kv_of_block(j))
+                b = self.blocks[h] = Block(toks, names[j - 1][0] if j else None, kv_of_block(j))
+                self._nbytes += _nbytes(b)
         while len(self.blocks) > self.max_blocks:
-            self.blocks.popitem(last=False)
+            self._nbytes -= _nbytes(self.blocks.popitem(last=False)[1])
 
     # ------------------------------------------------------------------ the engine's side
     def load(self, pool, r, mtp: bool) -> int:
@@ -140,4 +143,9 @@ class PrefixCache:
         self.insert(r.prompt, r.hit_blocks, block)
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for b in self.blocks.values() for k, _ in b.kv)
+        """Bytes of k/v the cached blocks hold (kept up to date, O(1): the engine reports it every step)."""
+        return self._nbytes
+
+
+def _nbytes(b: Block) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in b.kv)

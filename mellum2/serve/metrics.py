@@ -44,6 +44,7 @@ class Metrics:
         self.accepted = Counter("mellum2:spec_decode_num_accepted_tokens", "MTP draft tokens accepted", registry=r)
         self.acceptance = Gauge("mellum2:spec_decode_acceptance_rate", "accepted / proposed drafts so far", registry=r)
         self._window: deque[tuple[float, int]] = deque()
+        self._window_sum = 0  # sum of the window's counts: one update per call, not a sum over the window
         self._lock = threading.Lock()
         self._drafted = self._accepted = 0
 
@@ -52,12 +53,13 @@ class Metrics:
         self.gen_tokens.inc(n)
         with self._lock:
             self._window.append((now, n))
+            self._window_sum += n
             self._rate(now)
 
     def _rate(self, now: float) -> None:
         while self._window and self._window[0][0] < now - WINDOW_S:
-            self._window.popleft()
-        self.tps.set(sum(n for _, n in self._window) / WINDOW_S)
+            self._window_sum -= self._window.popleft()[1]
+        self.tps.set(self._window_sum / WINDOW_S)
 
     def finished(self, reason: str, e2e_s: float) -> None:
         self.requests.labels(reason).inc()

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=None, help="peak learning rate (Muon and AdamW); default per preset")
     a("--phases", default=None,
       help=f"the curriculum: a preset ({', '.join(PHASE_PRESETS)}; default report) or a JSON list of "
-           "phases ({budget, mixture, fim_rate, fim_code_only}); the LR decays over the last phase")
+           "phases ({budget, mixture, fim_rate, fim_code_only, spm_rate}); the LR decays over the last phase")
     a("--mtp-loss-weight", type=float, default=None, help="weight of the MTP loss (default: the model config's)")
     a("--warmup-steps", type=int, default=None, help="default: min(2000, 5%% of the steps)")
     a("--weight-decay", type=float, default=0.1)
