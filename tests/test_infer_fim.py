@@ -107,3 +107,78 @@ def test_demo_completion_checks_that_the_code_parses():
         assert c["parses"] == parses(p[0] + c["completion"] + p[1] if isinstance(p, tuple) else p + c["completion"])
     assert f"{out['parsed']}/2 completions parse as Python" in lines
     assert out["compile_s"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- healing
+HEAL_TEXTS = ["class Stack:\n    def push(self, x):\n        self.items.append(x)\n        return self.items\n",
+              "def f(s):\n    s = s.lower()\n    return s == s[::-1]\n"] * 40
+
+
+@pytest.fixture(scope="module")
+def bpe_model():
+    from mellum2.tokenizer import train_bpe
+    tok = train_bpe(HEAL_TEXTS, 400)
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset("test-small").replace(vocab_size=tok.vocab_size)).eval()
+    return m, tok
+
+
+def test_the_bpe_splits_indentation_before_a_word(bpe_model):
+    """What healing is for: a prompt ending in 8 spaces ends in a token training never saw before code."""
+    _, tok = bpe_model
+    ids = tok.encode("        self.items", allow_special=False)
+    assert tok.decode(ids[:1]) == " " * 7 and tok.decode(ids[1:2]).startswith(" self")
+    assert tok.decode(tok.encode("x\n        ", allow_special=False)[-1:]).strip(" ") == ""
+
+
+def test_heal_backs_up_one_token_and_picks_greedily_among_the_agreeing_tokens(bpe_model):
+    from mellum2.infer.fim import heal
+    m, tok = bpe_model
+    prompt = [tok.bos_id] + tok.encode("class Stack:\n    def push(self, x):\n        ", allow_special=False)
+    healed, extra = heal(m, tok, prompt, 1)
+    assert healed[:len(prompt) - 1] == prompt[:-1] and len(healed) >= len(prompt)
+    assert healed[len(prompt) - 1:] != prompt[-1:]  # the model did not just take the 8-space token back
+    # the healed ids decode to the original text plus `extra`, and each new token agrees with what was left
+    assert tok.decode(healed[1:]) == tok.decode(prompt[1:]) + extra
+    rest, ids = tok.decode(prompt[-1:]), prompt[:-1]
+    texts = [tok.decode([i]) for i in range(tok.vocab_size)]
+    special = set(tok.special_ids.values())
+    for pick in healed[len(prompt) - 1:]:
+        allowed = [i for i, t in enumerate(texts) if i not in special and t and (t.startswith(rest) or rest.startswith(t))]
+        with torch.no_grad():
+            logits = m(torch.tensor([ids])).logits[0, -1]
+        assert pick == allowed[int(logits[allowed].argmax())]  # hand-checked greedy choice
+        rest, ids = rest[len(texts[pick]):], ids + [pick]
+
+
+def test_heal_leaves_a_prompt_ending_in_a_special_token_alone(bpe_model):
+    from mellum2.infer.fim import heal
+    m, tok = bpe_model
+    p = fim_prompt(tok, "def f(s):\n", "    return s\n")
+    assert heal(m, tok, p, 1) == (p, "")
+    assert heal(m, tok, p[:1], 1) == (p[:1], "")  # nothing past the head
+
+
+@pytest.mark.parametrize("fim", [True, False])
+def test_healed_completion_continues_the_prompt_text(bpe_model, fim):
+    """The text returned follows the original prefix: the healed tokens' extra text, then the rest; plain
+    and speculative greedy agree; heal=False is the unhealed prompt's completion."""
+    m, tok = bpe_model
+    prefix, suffix = "class Stack:\n    def push(self, x):\n        ", "\n        return self.items\n"
+    run = (lambda **kw: complete(m, tok, prefix, suffix, 8, **kw)) if fim else \
+        (lambda **kw: continue_text(m, tok, prefix, 8, **kw))
+    healed, plain, spec = run(), run(heal=False), run(speculative=True)
+    assert spec.text == healed.text and spec.tokens == healed.tokens
+    head = fim_prompt(tok, prefix, suffix) if fim else [tok.bos_id] + tok.encode(prefix, allow_special=False)
+    assert plain.tokens == naive_greedy(m, head, len(plain.tokens))
+    full = tok.encode(prefix, allow_special=False)
+    # the healed prompt: the prefix without its last token, the chosen tokens, then the new ones
+    from mellum2.infer.fim import heal
+    base = (fim_prompt(tok, prefix, suffix)[:len(full) + 1] if fim else [tok.bos_id] + full)
+    if fim:
+        sfx = [tok.fim_suffix_id] + tok.encode(suffix, allow_special=False) + [tok.fim_middle_id]
+        ids, extra = heal(m, tok, base[:-1] + sfx + base[-1:], len(base) - 1 + len(sfx))
+    else:
+        ids, extra = heal(m, tok, base, 1)
+    assert healed.text == extra + tok.decode(healed.tokens)
+    assert healed.tokens == naive_greedy(m, ids, len(healed.tokens))

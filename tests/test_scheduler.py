@@ -205,12 +205,16 @@ def test_prefix_cache_is_bounded_and_cleared_by_new_weights():
         p = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(s)).tolist()
         eng.generate([p], params(2))
         assert len(eng.prefix) <= 10
+        # the byte count kept as blocks come and go equals a recount of the blocks held
+        assert eng.prefix.nbytes() == sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                                          for b in eng.prefix.blocks.values() for k, v in b.kv) > 0
     assert len(eng.prefix) == 10
     p = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(3)).tolist()
     assert eng.generate([p + [5]], params(2))[0].stats.cached_tokens == 28  # the newest prompt's blocks stay
     with torch.no_grad():
         m.lm_head.weight.mul_(1.5)  # the KV stays the same here, but any weight change clears the cache
     r = eng.generate([p + [5]], params(4))[0]
+    assert eng.stats()["prefix_cache_bytes"] == sum(k.nbytes + v.nbytes for b in eng.prefix.blocks.values() for k, v in b.kv)
     assert r.stats.cached_tokens == 0 and r.tokens == Engine(m).generate([p + [5]], params(4))[0].tokens
 
 

@@ -28,3 +28,18 @@ def test_bad_flags_are_usage_errors(serve_model, flags, word):
 def test_missing_model_dir(tmp_path):
     with pytest.raises(MellumError, match="--model"):
         cli.main(["--model", str(tmp_path / "nope")])
+
+
+def test_tokens_per_second_gauge_is_the_windows_sum(monkeypatch):
+    """The gauge counts the tokens of the last WINDOW_S seconds, kept as a running sum."""
+    from mellum2.serve import metrics as mod
+    now = [100.0]
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: now[0])
+    m = mod.Metrics()
+    for t, n in [(100.0, 3), (101.0, 5), (105.0, 2), (111.5, 4)]:  # at 111.5 the first two fall out
+        now[0] = t
+        m.tokens(n)
+    assert m.tps._value.get() == (2 + 4) / mod.WINDOW_S
+    now[0] = 130.0
+    m.render()
+    assert m.tps._value.get() == 0.0 and m._window_sum == 0

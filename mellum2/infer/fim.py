@@ -9,13 +9,27 @@ completion; `<filename>` (Mellum's FIM stop string), the eos and the other FIM s
 (a model that emits them has left the middle). The stop token is not part of the returned text.
 Text is encoded with `allow_special=False` when the tokenizer supports it, so code that contains
 `<fim_middle>` literally cannot inject a sentinel.
+
+Token healing (`heal=True`, the default of `complete` and `continue_text`). Training cuts prefixes at
+token boundaries of whole documents, but a prompt ends wherever the cursor is, often inside what the
+document's tokenisation would have merged: the byte-level BPE writes the indentation before `self` as
+7 spaces + " self", so a prefix ending in 8 spaces ends in a token that never precedes code in
+training, and a small model answers that with noise. Healing (as Guidance and transformers'
+`token_healing` do) takes the prompt's last token off and lets the model write that text again:
+the first new tokens are constrained to agree with the removed text (each either extends what is left
+of it or is a prefix of it), chosen greedily by the model, until the text is covered; the completion
+returned is what follows the original prompt. The constrained steps run the model's own forward pass
+on the prompt (a few extra forwards), then generation continues as usual.
 """
 from __future__ import annotations
 
 import ast
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+
+import torch
 
 from mellum2.locate import draft_vocab as stored_draft_vocab
 from mellum2.locate import resolve_model_dir
@@ -88,27 +102,80 @@ def _engine(model) -> Engine:
     return model if isinstance(model, Engine) else engine_for(as_model(model))
 
 
+@lru_cache(maxsize=4)
+def _token_texts(tokenizer) -> tuple:
+    """Every id's text on its own ('' for special tokens, which healing never picks); () for a tokenizer
+    that does not say its vocabulary size (nothing to heal with)."""
+    n = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(n, int):
+        return ()
+    special = getattr(tokenizer, "special_ids", None)
+    special = set(special.values()) if isinstance(special, dict) else set()
+    return tuple("" if i in special else tokenizer.decode([i]) for i in range(n))
+
+
+def heal(model, tokenizer, prompt: list[int], head: int) -> tuple[list[int], str]:
+    """Token healing (module docstring) of `prompt`, whose first `head` ids (bos, sentinels) are not
+    text to heal: returns the healed prompt and the text its new tokens add past the original prompt
+    (the start of the completion). Prompt unchanged when its last token is not text."""
+    texts = _token_texts(tokenizer)
+    if len(prompt) <= head or prompt[-1] >= len(texts) or not texts[prompt[-1]]:
+        return prompt, ""
+    rest, ids = texts[prompt[-1]], prompt[:-1]
+    m = model.model if isinstance(model, Engine) else as_model(model)
+    dev = m.lm_head.weight.device
+    while rest:
+        allowed = [i for i, t in enumerate(texts) if t and (t.startswith(rest) or rest.startswith(t))]
+        with torch.no_grad():
+            logits = m(torch.tensor([ids], device=dev), mtp=False).logits[0, -1].float()
+        pick = allowed[int(logits[torch.tensor(allowed, device=dev)].argmax())]
+        ids = ids + [pick]
+        t = texts[pick]
+        if len(t) >= len(rest):
+            return ids, t[len(rest):]
+        rest = rest[len(t):]
+    return ids, ""
+
+
+def _generate(model, tokenizer, prompt, head, params, speculative, draft_tokens, stop_ids, detokenize,
+              healing: bool) -> Completion:
+    extra = ""
+    if healing:
+        prompt, extra = heal(model, tokenizer, prompt, head)
+    res = _engine(model).generate([prompt], params, speculative, draft_tokens, detokenize=detokenize)[0]
+    out = _finish(res, tokenizer, stop_ids)
+    out.text = extra + out.text
+    return out
+
+
 def complete(model, tokenizer, prefix: str, suffix: str = "", max_new_tokens: int = 128,
-             speculative: bool = False, draft_tokens: int = 1, **sampling) -> Completion:
-    """The middle between `prefix` and `suffix` (greedy unless sampling options are given).
-    `model`: a Mellum2, a checkpoint directory or an Engine."""
+             speculative: bool = False, draft_tokens: int = 1, heal: bool = True, **sampling) -> Completion:
+    """The middle between `prefix` and `suffix` (greedy unless sampling options are given), the
+    prefix's end token-healed unless heal=False. `model`: a Mellum2, a checkpoint directory or an Engine."""
     stop = fim_stop_ids(tokenizer)
     params = make_params(max_new_tokens, stop=list(stop), **sampling)
-    res = _engine(model).generate([fim_prompt(tokenizer, prefix, suffix)], params, speculative, draft_tokens)[0]
-    return _finish(res, tokenizer, stop)
+    ids = fim_prompt(tokenizer, prefix, "")[:-2]  # [bos] <fim_prefix> prefix: what healing may touch
+    prompt = fim_prompt(tokenizer, prefix, suffix)
+    texts = _token_texts(tokenizer) if heal else ()
+    if len(ids) > 2 and ids[-1] < len(texts) and texts[ids[-1]]:
+        # the prefix's last token moves behind <fim_middle>: PSM writes the middle right after it, and the
+        # healed tokens start the middle
+        last = prompt.pop(len(ids) - 1)
+        return _generate(model, tokenizer, prompt + [last], len(prompt), params, speculative, draft_tokens,
+                         stop, None, True)
+    return _generate(model, tokenizer, prompt, len(prompt), params, speculative, draft_tokens, stop, None, False)
 
 
 def continue_text(model, tokenizer, text: str, max_new_tokens: int = 128, speculative: bool = False,
-                  draft_tokens: int = 1, stop_strings=(), **sampling) -> Completion:
-    """Left-to-right completion of `text` (after the bos), stopping at the end of the document or at
-    the first of `stop_strings` (FUNCTION_STOPS: the end of a top-level function), which the returned
-    text does not include."""
+                  draft_tokens: int = 1, stop_strings=(), heal: bool = True, **sampling) -> Completion:
+    """Left-to-right completion of `text` (after the bos), its end token-healed unless heal=False,
+    stopping at the end of the document or at the first of `stop_strings` (FUNCTION_STOPS: the end of
+    a top-level function), which the returned text does not include."""
     stop = tuple(i for i in (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "eos_id", None)) if i is not None)
     params = make_params(max_new_tokens, stop=list(stop) + list(stop_strings), **sampling)
     prompt = [tokenizer.bos_id] + _encode(tokenizer, text)
-    res = _engine(model).generate([prompt], params, speculative, draft_tokens,
-                                  detokenize=tokenizer.decode if stop_strings else None)[0]
-    return _finish(res, tokenizer, stop)
+    return _generate(model, tokenizer, prompt, 1, params, speculative, draft_tokens, stop,
+                     tokenizer.decode if stop_strings else None, heal)
 
 
 def demo_completion(model_dir_or_model, tokenizer, prompts=DEMO_PROMPTS, max_new_tokens: int = 64,
