@@ -182,3 +182,14 @@ def test_healed_completion_continues_the_prompt_text(bpe_model, fim):
         ids, extra = heal(m, tok, base, 1)
     assert healed.text == extra + tok.decode(healed.tokens)
     assert healed.tokens == naive_greedy(m, ids, len(healed.tokens))
+
+
+def test_heal_leaves_a_token_holding_part_of_a_character_alone(bpe_model):
+    """A byte-level token with part of a multi-byte character decodes to U+FFFD: not text to match."""
+    from mellum2.infer.fim import heal
+    m, tok = bpe_model
+    ids = tok.encode("x = 'é€'", allow_special=False)
+    parts = [i for i in ids if "\ufffd" in tok.decode([i])]
+    assert parts, "the tiny BPE has no merges for these characters: their bytes are separate tokens"
+    p = [tok.bos_id] + ids[:ids.index(parts[0]) + 1]
+    assert heal(m, tok, p, 1) == (p, "")

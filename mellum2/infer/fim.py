@@ -114,12 +114,18 @@ def _token_texts(tokenizer) -> tuple:
     return tuple("" if i in special else tokenizer.decode([i]) for i in range(n))
 
 
+def _healable(texts: tuple, i: int) -> bool:
+    """Token i is text healing can rewrite: known, not special, and whole characters (a byte-level token
+    holding part of a multi-byte character decodes to U+FFFD alone and cannot be matched as text)."""
+    return 0 <= i < len(texts) and bool(texts[i]) and "\ufffd" not in texts[i]
+
+
 def heal(model, tokenizer, prompt: list[int], head: int) -> tuple[list[int], str]:
     """Token healing (module docstring) of `prompt`, whose first `head` ids (bos, sentinels) are not
     text to heal: returns the healed prompt and the text its new tokens add past the original prompt
     (the start of the completion). Prompt unchanged when its last token is not text."""
     texts = _token_texts(tokenizer)
-    if len(prompt) <= head or prompt[-1] >= len(texts) or not texts[prompt[-1]]:
+    if len(prompt) <= head or not _healable(texts, prompt[-1]):
         return prompt, ""
     rest, ids = texts[prompt[-1]], prompt[:-1]
     m = model.model if isinstance(model, Engine) else as_model(model)
@@ -156,8 +162,7 @@ def complete(model, tokenizer, prefix: str, suffix: str = "", max_new_tokens: in
     params = make_params(max_new_tokens, stop=list(stop), **sampling)
     ids = fim_prompt(tokenizer, prefix, "")[:-2]  # [bos] <fim_prefix> prefix: what healing may touch
     prompt = fim_prompt(tokenizer, prefix, suffix)
-    texts = _token_texts(tokenizer) if heal else ()
-    if len(ids) > 2 and ids[-1] < len(texts) and texts[ids[-1]]:
+    if heal and len(ids) > 2 and _healable(_token_texts(tokenizer), ids[-1]):
         # the prefix's last token moves behind <fim_middle>: PSM writes the middle right after it, and the
         # healed tokens start the middle
         last = prompt.pop(len(ids) - 1)
