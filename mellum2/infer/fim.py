@@ -145,10 +145,10 @@ def heal(model, tokenizer, prompt: list[int], head: int) -> tuple[list[int], str
 
 def _generate(model, tokenizer, prompt, head, params, speculative, draft_tokens, stop_ids, detokenize,
               healing: bool) -> Completion:
-    extra = ""
+    extra, eng = "", _engine(model)  # one model for healing and generation (a directory is loaded once)
     if healing:
-        prompt, extra = heal(model, tokenizer, prompt, head)
-    res = _engine(model).generate([prompt], params, speculative, draft_tokens, detokenize=detokenize)[0]
+        prompt, extra = heal(eng, tokenizer, prompt, head)
+    res = eng.generate([prompt], params, speculative, draft_tokens, detokenize=detokenize)[0]
     out = _finish(res, tokenizer, stop_ids)
     out.text = extra + out.text
     return out
