@@ -42,4 +42,14 @@ def test_tokens_per_second_gauge_is_the_windows_sum(monkeypatch):
     assert m.tps._value.get() == (2 + 4) / mod.WINDOW_S
     now[0] = 130.0
     m.render()
-    assert m.tps._value.get() == 0.0 and m._window_sum == 0
+    assert m.tps._value.get() == 0.0 and m._window.total == 0
+
+
+def test_window_keeps_its_total_through_expiry_and_the_item_cap():
+    from mellum2.infer.window import Window
+    w = Window(10.0, max_items=3)
+    for t, n in [(0.0, 1), (1.0, 2), (2.0, 4), (3.0, 8)]:  # the 4th add drops the oldest (the cap)
+        w.add(t, n)
+    assert w.total == 2 + 4 + 8 == sum(n for _, n in w.items)
+    w.expire(11.5)  # drops the items before 1.5
+    assert w.total == 4 + 8 and len(w.items) == 2

@@ -51,6 +51,7 @@ from .prefix import PrefixCache
 from .request import DECODE, PREFILL, WAITING, Delta, Request, Result, Stats
 from .sampling import Sampler, SamplingParams
 from .speculative import draft, gather_rows, speculative_step
+from .window import Window
 from .batch import Generation
 from .steps import CompiledSteps
 
@@ -122,8 +123,7 @@ class Engine:
         self.last_finished: list[Request] = []
         self.totals = dict(prompt_tokens=0, cached_tokens=0, new_tokens=0, steps=0, prefill_steps=0,
                            drafted=0, accepted=0, requests=0, errors=0)
-        self._rate: deque = deque()  # (time, tokens) of recent steps, for tokens/s
-        self._rate_sum = 0  # the tokens in _rate
+        self._rate = Window(10.0, max_items=4096)  # (time, tokens) of recent steps, for tokens/s
         self.speculative, self.k, self.notice = False, draft_tokens, None
         self._set_mode(speculative, draft_tokens)
 
@@ -306,10 +306,10 @@ class Engine:
     def stats(self) -> dict:
         """running, waiting, KV pool use, tokens/s over the last seconds, prefix cache and speculation."""
         now = time.perf_counter()
-        while self._rate and self._rate[0][0] < now - 10:
-            self._rate_sum -= self._rate.popleft()[1]
-        span = now - self._rate[0][0] if len(self._rate) > 1 else 0.0
-        toks = self._rate_sum - self._rate[0][1] if self._rate else 0  # the tokens after the first step's time
+        w = self._rate
+        w.expire(now)
+        span = now - w.items[0][0] if len(w.items) > 1 else 0.0
+        toks = w.total - w.items[0][1] if w.items else 0  # the tokens after the first step's time
         rows = list(self._rows)
         pool = self.pool
         used = sum(r.n + 1 if r.state == DECODE else r.done_prompt for r in rows)
@@ -389,11 +389,7 @@ class Engine:
 
     def _publish(self, deltas) -> None:
         now = time.perf_counter()
-        n = sum(len(d.token_ids) for d in deltas)
-        self._rate.append((now, n))
-        self._rate_sum += n
-        if len(self._rate) > 4096:
-            self._rate_sum -= self._rate.popleft()[1]
+        self._rate.add(now, sum(len(d.token_ids) for d in deltas))
         ended = []
         for d in deltas:
             r = self._reqs.get(d.request_id)

@@ -132,8 +132,8 @@ def heal(model, tokenizer, prompt: list[int], head: int) -> tuple[list[int], str
     dev = m.lm_head.weight.device
     while rest:
         allowed = [i for i, t in enumerate(texts) if t and (t.startswith(rest) or rest.startswith(t))]
-        with torch.no_grad():
-            logits = m(torch.tensor([ids], device=dev), mtp=False).logits[0, -1].float()
+        with torch.no_grad():  # the LM head at the last position only (not [T, V] logits of the prompt)
+            logits = m.head(m.trunk(torch.tensor([ids], device=dev))[0][:, -1:])[0, -1]
         pick = allowed[int(logits[torch.tensor(allowed, device=dev)].argmax())]
         ids = ids + [pick]
         t = texts[pick]
@@ -160,15 +160,12 @@ def complete(model, tokenizer, prefix: str, suffix: str = "", max_new_tokens: in
     prefix's end token-healed unless heal=False. `model`: a Mellum2, a checkpoint directory or an Engine."""
     stop = fim_stop_ids(tokenizer)
     params = make_params(max_new_tokens, stop=list(stop), **sampling)
-    ids = fim_prompt(tokenizer, prefix, "")[:-2]  # [bos] <fim_prefix> prefix: what healing may touch
     prompt = fim_prompt(tokenizer, prefix, suffix)
-    if heal and len(ids) > 2 and _healable(_token_texts(tokenizer), ids[-1]):
-        # the prefix's last token moves behind <fim_middle>: PSM writes the middle right after it, and the
-        # healed tokens start the middle
-        last = prompt.pop(len(ids) - 1)
-        return _generate(model, tokenizer, prompt + [last], len(prompt), params, speculative, draft_tokens,
-                         stop, None, True)
-    return _generate(model, tokenizer, prompt, len(prompt), params, speculative, draft_tokens, stop, None, False)
+    end = prompt.index(tokenizer.fim_suffix_id)  # the prefix is prompt[fim_prefix + 1:end]
+    healing = heal and prompt[end - 1] != tokenizer.fim_prefix_id and _healable(_token_texts(tokenizer), prompt[end - 1])
+    if healing:  # the prefix's last token moves behind <fim_middle>: PSM writes the middle right after it,
+        prompt.append(prompt.pop(end - 1))  # and the healed tokens start the middle
+    return _generate(model, tokenizer, prompt, len(prompt) - 1, params, speculative, draft_tokens, stop, None, healing)
 
 
 def continue_text(model, tokenizer, text: str, max_new_tokens: int = 128, speculative: bool = False,

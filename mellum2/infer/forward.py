@@ -333,7 +333,7 @@ def moe_dense(L: _Layer, h_ND, ids_NK, w_NK, res_ND):
     Costs one copy of the down weights as [E*I, D] (gate and up are used as views)."""
     N = h_ND.shape[0]
     E, I, D = L.gate.shape
-    if L._down_cat is None or L._down_cat.dtype != h_ND.dtype:
+    if L._down_cat is None:  # _Layer is rebuilt when the weights (or their dtype) change
         L._down_cat = L.down.detach().to(h_ND.dtype).transpose(1, 2).reshape(E * I, D).contiguous()
     g_NJ = torch.mm(h_ND, L.gate.detach().view(E * I, D).t())  # J = E*I
     u_NJ = torch.mm(h_ND, L.up.detach().view(E * I, D).t())

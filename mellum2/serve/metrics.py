@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from mellum2.infer.window import Window
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
@@ -43,8 +44,7 @@ class Metrics:
         self.drafted = Counter("mellum2:spec_decode_num_draft_tokens", "MTP draft tokens proposed", registry=r)
         self.accepted = Counter("mellum2:spec_decode_num_accepted_tokens", "MTP draft tokens accepted", registry=r)
         self.acceptance = Gauge("mellum2:spec_decode_acceptance_rate", "accepted / proposed drafts so far", registry=r)
-        self._window: deque[tuple[float, int]] = deque()
-        self._window_sum = 0  # sum of the window's counts: one update per call, not a sum over the window
+        self._window = Window(WINDOW_S)
         self._lock = threading.Lock()
         self._drafted = self._accepted = 0
 
@@ -52,14 +52,12 @@ class Metrics:
         now = time.perf_counter()
         self.gen_tokens.inc(n)
         with self._lock:
-            self._window.append((now, n))
-            self._window_sum += n
+            self._window.add(now, n)
             self._rate(now)
 
     def _rate(self, now: float) -> None:
-        while self._window and self._window[0][0] < now - WINDOW_S:
-            self._window_sum -= self._window.popleft()[1]
-        self.tps.set(self._window_sum / WINDOW_S)
+        self._window.expire(now)
+        self.tps.set(self._window.total / WINDOW_S)
 
     def finished(self, reason: str, e2e_s: float) -> None:
         self.requests.labels(reason).inc()
