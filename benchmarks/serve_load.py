@@ -5,8 +5,10 @@ growing-file completion workload with and without the prefix cache, all in one r
     .venv/bin/python benchmarks/serve_load.py --model runs/tiny      # a checkpoint (run or checkpoint dir)
     .venv/bin/python benchmarks/serve_load.py --config benchmarks/configs/moe64.json   # another shape
 
-1. Mixed load: --clients (32) concurrent clients each stream --requests (3) greedy completions,
-   one after the other (so the server sees 32 streams at a time until the end),
+1. Mixed load: --clients (32) concurrent clients stream --clients x --requests (3) greedy completions
+   from one shared queue, each taking the next request when its last one ends, so 32 streams stay in
+   flight until the queue runs dry (as vLLM's benchmark_serving with --max-concurrency; `--queue
+   per-client`: each client streams its own 3 requests, and the batch thins out as clients finish),
    `ignore_eos` (every request produces exactly its budget), with prompt lengths drawn from
    --prompt-lens and output lengths from --output-lens. The same workload (same seeds) is served three
    ways, each by a fresh `mellum2 serve` process on this machine:
@@ -158,16 +160,29 @@ def workload(args, vocab: int, bos: int) -> list[list[dict]]:
              for _ in range(args.requests)] for _ in range(args.clients)]
 
 
-async def run_load(url: str, plan: list[list[dict]]) -> dict:
+async def run_load(url: str, plan: list[list[dict]], queue: str = "shared") -> dict:
+    """The clients stream their requests concurrently. queue "shared": every client takes the next
+    request of one queue (all clients' lists, in order) when its last one ends, so len(plan) streams
+    stay in flight until the queue runs dry (vLLM's benchmark_serving with --max-concurrency);
+    "per-client": each client streams its own list, so a client with short requests goes idle early."""
     limits = httpx.Limits(max_connections=len(plan) + 4, max_keepalive_connections=len(plan) + 4)
+    bodies = [b for rs in plan for b in rs]
+    flat: list = [None] * len(bodies)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def one_client(reqs):
-            return [await stream_one(client, url, b) for b in reqs]
+        if queue == "shared":
+            todo = iter(range(len(bodies)))
+            groups = [todo] * len(plan)
+        else:
+            ends = [sum(map(len, plan[:c + 1])) for c in range(len(plan))]
+            groups = [iter(range(e - len(plan[c]), e)) for c, e in enumerate(ends)]
+
+        async def one_client(ids):
+            for i in ids:  # a shared iterator hands each index to one client only
+                flat[i] = await stream_one(client, url, bodies[i])
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_client(reqs) for reqs in plan))
+        await asyncio.gather(*(one_client(g) for g in groups))
         wall = time.perf_counter() - t0
-    flat = [r for rs in results for r in rs]
     ttft = [r["ttft"] for r in flat if r["ttft"] is not None]
     gaps = [g for r in flat for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in flat)
@@ -209,7 +224,10 @@ def main(argv=None) -> int:
     a("--config", default="tiny", help="preset name or config.json for random weights (without --model)")
     a("--context", type=int, default=1024, help="max_position_embeddings of the random model")
     a("--clients", type=int, default=32)
-    a("--requests", type=int, default=3, help="requests per client, one after the other")
+    a("--requests", type=int, default=3, help="requests per client (the workload has clients x requests)")
+    a("--queue", default="shared", choices=("shared", "per-client"),
+      help="shared: each client takes the next request of one queue when its last one ends (the clients "
+           "stay busy until it runs dry); per-client: each client streams its own requests")
     a("--prompt-lens", default="16,32,64,128,256", help="prompt lengths (tokens) to draw from")
     a("--output-lens", default="32,64,128,256", help="completion lengths (tokens) to draw from")
     a("--file-tokens", type=int, default=800, help="growing-file workload: the file's length at the start")
@@ -248,7 +266,7 @@ def main(argv=None) -> int:
                 continue
             with Server(mdir, base + flags, args.threads) as srv:
                 c0 = srv.cpu_s()
-                res[name] = asyncio.run(run_load(srv.url, plan))
+                res[name] = asyncio.run(run_load(srv.url, plan, args.queue))
                 res[name]["server_cpu_s"] = srv.cpu_s() - c0
             r = res[name]
             r["tok_per_cpu_s"] = r["tokens"] / r["server_cpu_s"]
@@ -259,7 +277,7 @@ def main(argv=None) -> int:
         ref = res.get("serial")
         summary = {"model": str(args.model or f"random {args.config}"), "clients": args.clients,
                    "requests": args.clients * args.requests, "speculative": args.speculative, "threads": args.threads,
-                   "dtype": args.dtype}
+                   "dtype": args.dtype, "queue": args.queue}
         for name, r in res.items():
             summary[name] = {k: v for k, v in r.items() if k not in ("texts",)}
             if ref is not None:

@@ -120,6 +120,23 @@ def test_engine_rereads_weights_after_training(model):
     assert isinstance(before, list)
 
 
+def test_engine_rereads_replaced_parameters_and_modules():
+    """A new Parameter object or a swapped layer (not an in-place update) is seen by the next call, and
+    an in-place update of the new Parameter after that as well."""
+    m = Mellum2(ModelConfig.from_preset("test-small")).eval()
+    generate(m, PROMPTS[0], 4, ignore_eos=True)
+    o = m.model.layers[1].self_attn.o_proj
+    o.weight = torch.nn.Parameter(torch.randn_like(o.weight))
+    assert generate(m, PROMPTS[0], 6, ignore_eos=True).tokens == naive_greedy(m, PROMPTS[0], 6)[0]
+    with torch.no_grad():
+        o.weight.mul_(-1.0)
+    assert generate(m, PROMPTS[0], 6, ignore_eos=True).tokens == naive_greedy(m, PROMPTS[0], 6)[0]
+    old = m.model.layers[2].self_attn.q_proj
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    m.model.layers[2].self_attn.q_proj = new
+    assert generate(m, PROMPTS[0], 6, ignore_eos=True).tokens == naive_greedy(m, PROMPTS[0], 6)[0]
+
+
 @pytest.mark.parametrize("prompts,params,kw,msg", [
     ([[]], None, {}, "prompt 0 is empty"),
     ([[1, 5000]], None, {}, "outside the vocabulary"),

@@ -61,6 +61,18 @@ NO_MTP_NOTICE = ("this checkpoint has no MTP head (num_nextn_predict_layers=0): 
                  "generating normally. `mellum2 train-mtp --model DIR` trains a head for it.")
 AUTO_ROWS = 256  # max_num_seqs=None: the pool grows to the requests at hand, up to this many rows
 
+# Bumped whenever any module anywhere registers a parameter or a submodule (assigning a new Parameter,
+# swapping a layer, load_state_dict(assign=True)): engines re-list their model's parameters then only.
+_STRUCTURE = [0]
+
+
+def _bump(*_args):
+    _STRUCTURE[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+
 
 class Engine:
     """Continuous-batching generation over a Mellum2 model (see the module docstring).
@@ -101,6 +113,7 @@ class Engine:
         self.prefill_chunk, self.max_num_seqs, self.max_model_len = prefill_chunk, max_num_seqs, max_model_len
         self.detokenize = detokenize
         self.fwd = Fast(model, moe) if fast else Reference(model)
+        self._params, self._params_key = [], None
         if draft_vocab is not None:
             self.set_draft_vocab(draft_vocab)
         self._versions = self._weight_versions()
@@ -147,13 +160,18 @@ class Engine:
 
     def _weight_versions(self) -> tuple:
         """In-place updates (optimizer steps, load_state_dict) bump tensor versions, `.to()` makes new
-        tensors: the fast path re-reads the weights (and the prefix cache empties) when this key changes."""
+        tensors: the fast path re-reads the weights (and the prefix cache empties) when this key changes.
+        The parameter list is walked again only when some module registered a parameter or a submodule
+        since the last walk (`_STRUCTURE`), so a step pays a sum of versions, not a walk of the model."""
+        if self._params_key != _STRUCTURE[0]:
+            self._params, self._params_key = list(self.model.parameters()), _STRUCTURE[0]
         w = self.model.lm_head.weight
-        ps = list(self.model.parameters())
-        return sum(p._version for p in ps), len(ps), id(self.model.mtp), w.dtype, w.device, w.data_ptr()
+        return (sum(p._version for p in self._params), len(self._params), id(self.model.mtp), w.dtype, w.device,
+                w.data_ptr())
 
     def _check_weights(self) -> None:
         if self._weight_versions() != self._versions:
+            self._params_key = None  # `.to()` may have swapped the Parameter objects without a registration
             self.fwd.refresh()
             self.cfg = self.model.cfg
             self._versions = self._weight_versions()
@@ -471,16 +489,28 @@ class Engine:
             self.totals["cached_tokens"] += n
 
     def _compact(self) -> None:
-        """Drop finished rows; move later rows down into the holes (rows stay contiguous)."""
+        """Drop finished rows and keep the rest contiguous, decoding rows first, with as few row copies
+        as possible: the decoding rows beyond the new decoding count fill the holes below it (one copy
+        per leaving request, not a shift of every later row), and the prefilling rows follow in their
+        order (their prefill order is FIFO)."""
         if not any(r.finished for r in self._rows):
             return
-        keep = [r for r in self._rows if not r.finished]
-        for t, r in enumerate(keep):
+        dec = [r for r in self._rows if not r.finished and r.state == DECODE]
+        pre = [r for r in self._rows if not r.finished and r.state != DECODE]
+        n = len(dec)
+        held = {r.slot for r in dec if r.slot < n}
+        holes = (s for s in range(n) if s not in held)
+        for r in dec:
+            if r.slot >= n:
+                self._move(r, next(holes))
+        for t, r in enumerate(pre, start=n):
             if r.slot != t:
-                src = r.slot
-                self.pool.move(src, t, (r.n + 2 * self.k + 2) if r.state == DECODE else r.done_prompt)
-                r.slot = t
-        self._rows = keep
+                self._move(r, t)
+        self._rows = sorted(dec, key=lambda r: r.slot) + pre
+
+    def _move(self, r: Request, dst: int) -> None:
+        self.pool.move(r.slot, dst, (r.n + 2 * self.k + 2) if r.state == DECODE else r.done_prompt)
+        r.slot = dst
 
     def _sampler_for(self, rows: list[Request]) -> Sampler:
         """The Sampler of these rows (rebuilt when the batch changes): the requests' own generators and

@@ -244,10 +244,13 @@ def write(K_BGSd, V_BGSd, rows, k_BGTd, v_BGTd) -> None:
 
 def sdpa(q_BHTd, k_BGSd, v_BGSd, mask_B1TS):
     """Attention of H query heads over G kv heads (GQA) with an additive mask (0 or -inf)."""
-    if q_BHTd.shape[2] <= 8 and q_BHTd.device.type == "cpu" and (
-            torch.compiler.is_compiling() or q_BHTd.dtype != torch.float32):
-        # few queries on a CPU: traced (see _few_queries), or eager in bf16/fp16, where the flash kernel
-        # costs ~10x the two matmuls (one query, 32 rows x 256 keys: 4.9 ms vs 0.47 ms; fp32: 0.75 vs 0.73)
+    B, H, T, _ = q_BHTd.shape
+    if T <= 8 and q_BHTd.device.type == "cpu" and (
+            torch.compiler.is_compiling() or q_BHTd.dtype != torch.float32 or (B >= 12 and H > k_BGSd.shape[1])):
+        # few queries on a CPU: traced (see _few_queries); eager in bf16/fp16, where the flash kernel
+        # costs ~10x the two matmuls (one query, 32 rows x 256 keys: 4.9 ms vs 0.47 ms); eager fp32 for
+        # a batch of GQA rows, where the matmuls read each kv head once for its query heads (32 rows,
+        # 4 heads over 2, 256 keys: 0.75 ms vs 0.52 ms; at one row the flash kernel wins, 36 vs 63 us)
         return _few_queries(q_BHTd, k_BGSd, v_BGSd, mask_B1TS)
     return F.scaled_dot_product_attention(q_BHTd, k_BGSd.to(q_BHTd.dtype), v_BGSd.to(q_BHTd.dtype),
                                           attn_mask=mask_B1TS, enable_gqa=q_BHTd.shape[1] != k_BGSd.shape[1])

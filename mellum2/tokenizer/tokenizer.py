@@ -145,9 +145,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; byte sequences that are not valid UTF-8 decode to U+FFFD."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"Tokenizer.decode: ids {bad[:5]} outside [0, {self.vocab_size})")
+        V = self.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= V):
+            bad = [i for i in ids if not 0 <= i < V]
+            raise ValueError(f"Tokenizer.decode: ids {bad[:5]} outside [0, {V})")
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
