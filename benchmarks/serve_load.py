@@ -266,13 +266,16 @@ def main(argv=None) -> int:
                 continue
             with Server(mdir, base + flags, args.threads) as srv:
                 c0 = srv.cpu_s()
+                p0 = time.process_time()
                 res[name] = asyncio.run(run_load(srv.url, plan, args.queue))
+                res[name]["client_cpu_s"] = time.process_time() - p0
                 res[name]["server_cpu_s"] = srv.cpu_s() - c0
+
             r = res[name]
             r["tok_per_cpu_s"] = r["tokens"] / r["server_cpu_s"]
             print(f"{name:<11} {r['tok_s']:8.1f} tok/s ({r['tok_per_cpu_s']:.1f} per server CPU-s)  TTFT p50 {fmt(r['ttft_p50'])} p99 {fmt(r['ttft_p99'])}  "
                   f"ITL p50 {fmt(r['itl_p50'])} p99 {fmt(r['itl_p99'])}  errors {r['errors']}  complete "
-                  f"{r['complete']}/{r['requests']}  ({r['wall_s']:.1f} s)" +
+                  f"{r['complete']}/{r['requests']}  ({r['wall_s']:.1f} s; load generator {r['client_cpu_s']:.1f} CPU-s)" +
                   (f"  first error: {r['first_error']}" if r["first_error"] else ""), flush=True)
         ref = res.get("serial")
         summary = {"model": str(args.model or f"random {args.config}"), "clients": args.clients,

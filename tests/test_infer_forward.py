@@ -104,3 +104,27 @@ def test_traced_gather_form_equals_matmul_form():
     w = torch.rand(3, 2)
     with torch.no_grad():
         torch.testing.assert_close(_moe_gather_traced(L, h, ids, w), moe_gather(L, h, ids, w), rtol=1e-5, atol=1e-6)
+
+
+def test_moe_bmm_equals_the_chosen_experts_and_declines_skewed_routing():
+    """moe_bmm (every expert's tokens padded into one [E, m, D] block) gives each token the weighted
+    sum of its own experts (moe_host, one token at a time), whatever the counts per expert; when one
+    expert takes nearly every token the padding would more than double the rows and it declines."""
+    from mellum2.infer.forward import moe_bmm, moe_host
+
+    torch.manual_seed(0)
+    m = Mellum2(ModelConfig.from_preset("test-small").replace(num_experts=16)).eval()
+    L = next(L for L in Fast(m).layers if L.moe)
+    E, _, D = L.gate.shape
+    N, K = 24, 2  # one expert on every token: 16 x 24 padded rows against 48 pairs
+    h, res = torch.randn(N, D), torch.randn(N, D)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    w = torch.rand(N, K).softmax(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_bmm(L, h, ids, w, res), moe_host(L, h, ids, w, res), rtol=1e-5, atol=1e-5)
+        skew = torch.stack([torch.tensor([0, 1 + n % (E - 1)]) for n in range(N)])  # expert 0 on every token
+        assert moe_bmm(L, h, skew, w, res) is None
+        lop = torch.stack([torch.tensor([0, 1]) if n < 9 else torch.randperm(E)[:K] for n in range(N)])
+        out = moe_bmm(L, h, lop, w, res)
+        if out is not None:  # uneven counts, padded rows: still exactly the chosen experts
+            torch.testing.assert_close(out, moe_host(L, h, lop, w, res), rtol=1e-5, atol=1e-5)
