@@ -97,9 +97,19 @@ class Server:
         raise RuntimeError("the server did not start in 300 s")
 
     def cpu_s(self) -> float:
-        """CPU seconds the server process has used (user + system, all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds the server has used (user + system, all threads of its process and of the
+        processes it started: the engine process)."""
+        total, todo = 0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+                for t in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(c) for c in (t / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a process that ended meanwhile
+        return total / os.sysconf("SC_CLK_TCK")
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
@@ -194,6 +204,49 @@ async def run_load(url: str, plan: list[list[dict]], queue: str = "shared") -> d
             "texts": [r["text"] for r in flat], "first_error": next((r["error"] for r in flat if r["error"]), None)}
 
 
+def run_direct(mdir: Path, plan: list[list[dict]], queue: str, rows: int, dtype: str, threads: int) -> dict:
+    """The same requests and queue driven through an Engine in this process, no HTTP: each client's
+    next request is submitted from the engine's callback when its last one ends. Separates the
+    engine's batching from the server's per-token work (they share one interpreter in `mellum2 serve`)."""
+    from mellum2 import load_pretrained
+    from mellum2.infer import Engine, SamplingParams
+
+    torch.set_num_threads(threads)
+    model = load_pretrained(mdir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    bodies = [b for rs in plan for b in rs]
+    if queue == "shared":
+        lists = [iter(range(len(bodies)))] * len(plan)
+    else:
+        ends = [sum(map(len, plan[:c + 1])) for c in range(len(plan))]
+        lists = [iter(range(e - len(plan[c]), e)) for c, e in enumerate(ends)]
+    eng = Engine(model, max_num_seqs=rows, max_model_len=model.cfg.max_position_embeddings,
+                 prefix_cache_tokens=4 * model.cfg.max_position_embeddings, prefill_chunk=256)
+    tokens: dict[int, list[int]] = {}
+
+    def next_of(c: int) -> None:
+        i = next(lists[c], None)
+        if i is None:
+            return
+        b = bodies[i]
+        tokens[i] = []
+
+        def on(d, i=i, c=c):
+            tokens[i].extend(d.token_ids)
+            if d.finished:
+                next_of(c)
+        eng.submit(b["prompt"], SamplingParams(max_new_tokens=b["max_tokens"], temperature=0, ignore_eos=True),
+                   callback=on)
+
+    t0 = time.perf_counter()
+    for c in range(len(plan)):  # every client's first request; beyond `rows` they wait in the engine's queue
+        next_of(c)
+    while eng.has_work():
+        eng.step()
+    wall = time.perf_counter() - t0
+    n = sum(map(len, tokens.values()))
+    return {"wall_s": wall, "tokens": n, "tok_s": n / wall, "ids": [tokens.get(i) for i in range(len(bodies))]}
+
+
 async def run_file(url: str, args, vocab: int, bos: int) -> dict:
     """The growing file: each request is the whole file so far; TTFT of each (the first excluded:
     it fills the cache)."""
@@ -240,6 +293,9 @@ def main(argv=None) -> int:
       help="the servers' --dtype (fp32: the server's default; in bf16 batched and lone matmuls round differently, "
            "so greedy near-ties of random weights flip)")
     a("--skip", default="", help="comma-separated parts to skip: static, serial, file")
+    a("--direct", action="store_true",
+      help="also drive the engine in this process with the same requests and queue (no HTTP), continuous "
+           "and one at a time, for the ratio without the server's per-token work")
     a("--seed", type=int, default=0)
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -296,6 +352,17 @@ def main(argv=None) -> int:
             summary["continuous_over_static_cpu"] = res["continuous"]["tok_per_cpu_s"] / res["static"]["tok_per_cpu_s"]
             print(f"continuous / static throughput: {summary['continuous_over_static']:.2f}x wall, "
                   f"{summary['continuous_over_static_cpu']:.2f}x per server CPU-s")
+
+        if args.direct:
+            d = {name: run_direct(mdir, plan, args.queue, rows, args.dtype, args.threads)
+                 for name, rows in (("continuous", args.clients), ("serial", 1))}
+            same = sum(a == b for a, b in zip(d["continuous"]["ids"], d["serial"]["ids"]))
+            ratio = d["continuous"]["tok_s"] / d["serial"]["tok_s"]
+            print(f"direct (engine in this process, no HTTP): continuous {d['continuous']['tok_s']:.1f} tok/s, "
+                  f"one at a time {d['serial']['tok_s']:.1f} tok/s: {ratio:.2f}x; equal {same}/{len(d['serial']['ids'])}",
+                  flush=True)
+            summary["direct"] = {"continuous_tok_s": d["continuous"]["tok_s"], "serial_tok_s": d["serial"]["tok_s"],
+                                 "ratio": ratio, "equal": same}
 
         if "file" not in skip:
             if args.file_tokens + args.file_growth * args.file_requests + args.file_output > context:

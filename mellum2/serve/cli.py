@@ -24,6 +24,7 @@ from mellum2.model import load_pretrained
 from mellum2.tokenizer import Tokenizer
 
 from .app import build_app
+from .engine_process import EngineProcessError, ProcessEngine
 from .server import make_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batching", choices=["continuous", "static"], default="continuous",
       help="static: batches run to their end before the next starts (for comparison; continuous needs the "
            "scheduling engine)")
+    a("--engine", choices=["process", "thread"], default="process",
+      help="process: the engine runs in a child process, so the HTTP side and the engine do not share one "
+           "interpreter lock; thread: in this process (always so with --batching static)")
     a("--dtype", choices=sorted(DTYPES), default="fp32")
     a("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -71,19 +75,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     mdir = resolve_model_dir(args.model, flag="--model")
-    tok = Tokenizer.load(tokenizer_dir(mdir, args.tokenizer))
-    model = load_pretrained(mdir, dtype=DTYPES[args.dtype])
+    tdir = tokenizer_dir(mdir, args.tokenizer)
+    tok = Tokenizer.load(tdir)
+    options = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, speculative=args.speculative,
+                   draft_tokens=args.draft_tokens, compile=args.compile,
+                   prefix_cache_tokens=args.prefix_cache_tokens, prefill_chunk=args.prefill_chunk)
+    engine = None
+    if args.engine == "process" and args.batching != "static":
+        try:
+            engine = ProcessEngine(mdir, DTYPES[args.dtype], tdir, {**options, "model_dir": str(mdir)}, threads=args.threads)
+        except EngineProcessError as e:
+            raise UsageError(f"--model {args.model}: {e}") from None
+        model = engine.model_stub()
+        draft = None
+    else:
+        model = load_pretrained(mdir, dtype=DTYPES[args.dtype])
+        draft = load_draft_vocab(mdir) if model.mtp is not None else None
     if args.speculative and model.mtp is None:
         print("mellum2 serve: this checkpoint has no MTP head: --speculative is off", file=sys.stderr)
     name = args.served_model_name or (Path(args.model).resolve().name)
     try:
-        state = make_state(model, tok, name=name, api_key=args.api_key, max_num_seqs=args.max_num_seqs,
-                           max_waiting=args.max_waiting, max_model_len=args.max_model_len,
-                           speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile,
-                           prefix_cache_tokens=args.prefix_cache_tokens, prefill_chunk=args.prefill_chunk,
-                           mode="static" if args.batching == "static" else "auto",
-                           draft_vocab=load_draft_vocab(mdir) if model.mtp is not None else None)
+        state = make_state(model, tok, name=name, api_key=args.api_key, max_waiting=args.max_waiting,
+                           mode="static" if args.batching == "static" else "auto", draft_vocab=draft, engine=engine,
+                           **options)
     except ValueError as e:
+        if engine is not None:
+            engine.close()
         raise UsageError(f"--model {args.model}: {e}") from None
     print(f"mellum2 serve: {name} ({state.backend.mode} batching, max {args.max_num_seqs} sequences, context "
           f"{state.max_model_len}{', MTP speculative' if state.backend.speculative else ''}) on "
@@ -92,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         state.backend.close()
+        if engine is not None:
+            engine.close()
     return 0
 
 
