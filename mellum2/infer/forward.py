@@ -216,14 +216,16 @@ class Fast:
             # N=128 2439/1805; in fp32 dense loses (N=32 1541/1246: MKL's small fp32 GEMMs are cheap)
             # moe_bmm for more rows in fp32 on a CPU when experts are small (I x D <= 64k): a whole decode
             # step, batch 32 (ms, 1 thread, interleaved): tiny 32.0 vs grouped 36.5, moe64 38.1/43.5; with
-            # 512 x 512 experts (wide128) it loses, 106/103 (MKL's grouped matmuls stream large weights well)
-            few, dense_max = 8, 64
+            # 512 x 512 experts (wide128) it loses, 106/103 (MKL's grouped matmuls stream large weights well).
+            # Prefill chunks too: tiny's 8 MoE layers, 128 / 256 / 512 / 1024 tokens, 20.0/30.4,
+            # 26.2/36.7, 41.2/52.5, 81.3/84.9 ms
+            few, dense_max, bmm_max = 8, 64, 1024
             cpu = x_ND.device.type == "cpu"
             if N <= few:
                 impl = "host" if cpu else "gather"
             elif cpu and N <= dense_max and x_ND.dtype == torch.bfloat16:
                 impl = "dense"
-            elif cpu and N <= dense_max and L.gate.shape[1] * L.gate.shape[2] <= 1 << 16:
+            elif cpu and N <= bmm_max and x_ND.dtype == torch.float32 and L.gate.shape[1] * L.gate.shape[2] <= 1 << 16:
                 impl = "bmm"
             else:
                 impl = "grouped"

@@ -34,7 +34,7 @@ class Block:
     __slots__ = ("tokens", "parent", "kv")
 
     def __init__(self, tokens: tuple, parent, kv: list):
-        self.tokens, self.parent, self.kv = tokens, parent, kv  # kv: per layer (k [G, b, d], v)
+        self.tokens, self.parent, self.kv = tokens, parent, kv  # kv [layers, 2, G, b, d]: kv[i] = (k, v) of layer i
 
 
 class PrefixCache:
@@ -82,7 +82,7 @@ class PrefixCache:
 
     def insert(self, prompt: list[int], first: int, kv_of_block) -> None:
         """Store blocks first..n-1 of the prompt, n = the blocks that end before its last token;
-        kv_of_block(j) gives block j's per-layer (k, v). Blocks already cached are kept as they are."""
+        kv_of_block(j) gives block j's k/v, [layers, 2, G, b, d]. Blocks already cached are kept as they are."""
         n = (len(prompt) - 1) // self.block
         if not self.max_blocks or n <= first:
             return
@@ -131,14 +131,14 @@ class PrefixCache:
         if r.captured is None:
             return
         cap, r.captured = r.captured, None
-        layers = sorted(cap)
-        kv = {i: (torch.cat([k for k, _ in cap[i]], 1), torch.cat([v for _, v in cap[i]], 1)) for i in layers}
-        s = len(r.prompt) - kv[layers[0]][0].shape[1]  # first position computed (after a hit)
+        # every layer's k and v side by side, [layers, 2, G, n, d]: then a block is one copy, not 2 x layers
+        kv = torch.stack([torch.stack([torch.cat([k for k, _ in cap[i]], 1), torch.cat([v for _, v in cap[i]], 1)])
+                          for i in sorted(cap)])
+        s = len(r.prompt) - kv.shape[3]  # first position computed (after a hit)
         bs = self.block
 
         def block(j):
-            lo, hi = j * bs - s, (j + 1) * bs - s
-            return [(kv[i][0][:, lo:hi].clone(), kv[i][1][:, lo:hi].clone()) for i in layers]
+            return kv[:, :, :, j * bs - s:(j + 1) * bs - s].clone()
 
         self.insert(r.prompt, r.hit_blocks, block)
 
@@ -148,4 +148,4 @@ class PrefixCache:
 
 
 def _nbytes(b: Block) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in b.kv)
+    return b.kv.numel() * b.kv.element_size()
