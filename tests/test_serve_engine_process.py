@@ -82,10 +82,24 @@ def test_server_over_the_engine_process_equals_generate(serve_model):
 
 
 def test_a_dead_engine_process_is_named(serve_model):
-    d, _, _ = serve_model
+    from mellum2.serve.app import build_app
+    from mellum2.serve.server import ThreadedServer, make_state
+
+    d, _, tok = serve_model
     pe = ProcessEngine(d, torch.float32, d, {"max_num_seqs": 2, "model_dir": str(d)}, threads=1)
-    os.kill(pe.proc.pid, signal.SIGKILL)
-    pe.proc.join(10)
+    state = make_state(pe.model_stub(), tok, name="tiny", max_num_seqs=2, engine=pe)
+    try:
+        with ThreadedServer(build_app(state)) as srv:
+            assert httpx.get(srv.url + "/health").status_code == 200
+            os.kill(pe.proc.pid, signal.SIGKILL)
+            pe.proc.join(10)
+            h = httpx.get(srv.url + "/health")
+            assert h.status_code == 503 and "not running" in h.json()["error"]
+            r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2},
+                           timeout=30)
+            assert r.status_code >= 500 and "engine" in r.text  # named, not a hang
+    finally:
+        state.backend.close()
     with pytest.raises(EngineProcessError, match="stopped"):
         pe.submit([5, 6], SamplingParams(max_new_tokens=2), request_id="x")
         pe.step()

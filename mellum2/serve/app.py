@@ -115,7 +115,8 @@ def build_app(state: ServeState) -> FastAPI:
     @app.get("/health")
     async def health():
         thread = state.backend._thread
-        if thread is None or not thread.is_alive():
+        alive = getattr(state.backend.engine, "alive", None)  # the engine process, when it has one
+        if thread is None or not thread.is_alive() or (alive is not None and not alive()):
             return JSONResponse({"status": "error", "error": "the engine is not running"}, status_code=503)
         return {"status": "ok", **state.backend.stats()}
 

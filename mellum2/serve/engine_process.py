@@ -83,6 +83,10 @@ class ProcessEngine:
             if not self._conn.poll():
                 return deltas
 
+    def alive(self) -> bool:
+        """Whether the engine process is running (the server's /health asks)."""
+        return self.proc.is_alive()
+
     def stats(self) -> dict:
         """The engine's stats as of the last step."""
         return self._stats
