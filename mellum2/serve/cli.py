@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = None
     if args.engine == "process" and args.batching != "static":
         try:
-            engine = ProcessEngine(mdir, DTYPES[args.dtype], tdir, {**options, "model_dir": str(mdir)}, threads=args.threads)
+            engine = ProcessEngine(mdir, DTYPES[args.dtype], tdir, options, threads=args.threads)
         except EngineProcessError as e:
             raise UsageError(f"--model {args.model}: {e}") from None
         model = engine.model_stub()

@@ -35,7 +35,8 @@ class ProcessEngine:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype, tokenizer_dir: str | Path, options: dict,
                  threads: int | None = None, start_timeout: float = 600.0):
         """options: the serving options of `server.engine_options` (max_num_seqs, max_model_len, ...);
-        the child resolves their defaults against the loaded model, as the in-process server does."""
+        the child resolves their defaults against the loaded model (the draft vocabulary from
+        model_dir), as the in-process server does."""
         ctx = mp.get_context("spawn")  # no fork of a process that already runs threads (uvicorn, torch)
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_child, name="mellum2-engine", daemon=True,
@@ -128,7 +129,7 @@ def _child(conn, model_dir: str, dtype: torch.dtype, tokenizer_dir: str, options
             torch.set_num_threads(threads)
         model = load_pretrained(model_dir, dtype=dtype)
         tok = Tokenizer.load(tokenizer_dir)
-        eng = make_engine(model, detokenize=tok.decode, **engine_options(model, **{"model_dir": model_dir, **options}))
+        eng = make_engine(model, detokenize=tok.decode, **engine_options(model, model_dir=model_dir, **options))
         conn.send(("ready", model.cfg, model.mtp is not None, bool(eng.speculative)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names it
         conn.send(("error", f"{type(e).__name__}: {e}"))
